@@ -1,0 +1,498 @@
+"""CrossIterationBatchNorm2d: the CBN layer as a drop-in ``_BatchNorm``.
+
+The layer owns the policy (when the window is used, where the convolution comes from, the window's storage,
+the running statistics and the fallbacks); the formulas live in :mod:`cbn_mmdet.ops.cbn_stats`.
+"""
+import gc
+import math
+import warnings
+from typing import Dict, NamedTuple, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..ops.cbn_stats import (ConvSpec, batch_moments, cbn_normalize, compensate, conv_stat_grads,
+                             kernel_products, stat_dtype, window_moments)
+
+__all__ = ['CrossIterationBatchNorm2d', 'resolve_auto_window']
+
+_WINDOW_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm')
+
+
+def resolve_auto_window(images_per_gpu: int) -> int:
+    """The paper's suggested window (Sec. 4.3): ``k = min(ceil(16 / images per GPU), 8)``."""
+    if isinstance(images_per_gpu, bool) or not isinstance(images_per_gpu, int) or images_per_gpu < 1:
+        raise ValueError(f'images_per_gpu must be a positive int, got {images_per_gpu!r}')
+    return min(math.ceil(16 / images_per_gpu), 8)
+
+
+def _check_window_size(window_size) -> Union[int, str]:
+    if window_size == 'auto' and isinstance(window_size, str):
+        return window_size
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1:
+        raise ValueError(f"window_size must be an int >= 1 or 'auto', got {window_size!r}")
+    return window_size
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _leaf_parameter(node) -> Optional[Tensor]:
+    """The leaf tensor behind a conv's weight/bias input, looking through autocast's dtype cast."""
+    while node is not None:
+        if hasattr(node, 'variable'):  # AccumulateGrad
+            return node.variable
+        if type(node).__name__ != 'ToCopyBackward0' or len(node.next_functions) != 1:
+            return None
+        node = node.next_functions[0][0]
+    return None
+
+
+class _Window:
+    """The last ``capacity`` iterations of one layer, as a ring buffer of stacked tensors.
+
+    Per stored iteration: ``g_s`` (one kernel-sized tensor), ``g_mu`` (one patch per group), and the per-channel
+    ``mu``, ``s``, ``p_mu = <g_mu, W_tau>``, ``p_s = <g_s, W_tau>``, the conv bias ``bias`` and the count ``m``.
+    No copy of the kernel is kept.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.count = 0
+        self.next = 0
+        self.tensors: Dict[str, Optional[Tensor]] = dict.fromkeys(_WINDOW_KEYS)
+
+    def matches(self, g_mu: Tensor, g_s: Tensor) -> bool:
+        t = self.tensors
+        return t['g_s'] is not None and t['g_s'].shape[1:] == g_s.shape and t['g_mu'].shape[1:] == g_mu.shape
+
+    def push(self, entry: Dict[str, Optional[Tensor]]) -> None:
+        t = self.tensors
+        if t['mu'] is None:
+            for key, value in entry.items():
+                t[key] = None if value is None else value.new_zeros((self.capacity, ) + tuple(value.shape))
+        for key, value in entry.items():
+            if t[key] is not None:
+                t[key][self.next].copy_(value if value is not None else 0)
+        self.next = (self.next + 1) % self.capacity
+        self.count = min(self.count + 1, self.capacity)
+
+    def view(self) -> Dict[str, Optional[Tensor]]:
+        """The stored iterations (order does not matter: Eq. 9-10 are sums)."""
+        return {k: (None if v is None else v[:self.count]) for k, v in self.tensors.items()}
+
+    def apply(self, fn) -> None:
+        for key, value in self.tensors.items():
+            if value is not None:
+                self.tensors[key] = fn(value).to(value.dtype)
+
+
+class _Replay(NamedTuple):
+    mu_t: Tensor
+    mu_bar: Tensor
+    var_bar: Tensor
+    n_iters: int
+    pushed: bool
+
+
+class _BackwardFlag:
+    """Set when backward runs through the layer; tells an unmanaged layer that a new iteration has begun."""
+
+    def __init__(self):
+        self.seen = False
+
+    def __call__(self) -> None:
+        self.seen = True
+
+
+class CrossIterationBatchNorm2d(_BatchNorm):
+    r"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) over a 4D input.
+
+    BatchNorm estimates its statistics from the current mini-batch alone, which is too few examples at the 1-4
+    images per GPU of detection training. CBN averages the statistics of the last ``k`` iterations. The
+    statistics of an earlier iteration :math:`t-\tau` were computed under older weights, so they are first moved to
+    the current weights of the preceding convolution by a first-order Taylor term:
+
+    .. math::
+        \mu_{t-\tau}(\theta_t) = \mu_{t-\tau} + \frac{\partial \mu_{t-\tau}}{\partial \theta_{t-\tau}}
+            (\theta_t - \theta_{t-\tau}), \qquad
+        \nu_{t-\tau}(\theta_t) = \nu_{t-\tau} + \frac{\partial \nu_{t-\tau}}{\partial \theta_{t-\tau}}
+            (\theta_t - \theta_{t-\tau})                                                      \quad (7, 8)
+
+        \bar\mu = \frac{1}{k}\sum_{\tau=0}^{k-1} \mu_{t-\tau}(\theta_t), \quad
+        \bar\nu = \frac{1}{k}\sum_{\tau=0}^{k-1} \max[\nu_{t-\tau}(\theta_t), \mu_{t-\tau}(\theta_t)^2], \quad
+        \bar\sigma^2 = \bar\nu - \bar\mu^2                                                    \quad (9, 10, 11)
+
+        y = \gamma \frac{x - \bar\mu}{\sqrt{\bar\sigma^2 + \epsilon}} + \beta                 \quad (12, 4)
+
+    :math:`\theta` is the kernel (and bias) of the convolution that produced ``x``. The gradients of the
+    statistics are computed in closed form (Appendix B): :math:`\partial\mu/\partial\theta` is the mean input
+    patch, :math:`\partial\nu/\partial\theta` one convolution weight-gradient.
+
+    Choices made where the paper is silent:
+
+    * **Gradients** reach ``x`` (and through it the conv and earlier layers) only through the current
+      iteration's :math:`\mu_t, \nu_t`; the history and the compensation terms, including the :math:`\theta_t`
+      inside them, are constants. This is the authors' released behaviour.
+    * **Numerics**: the layer carries the centred moment :math:`s = \nu - \mu^2` per iteration, which is Eq. 8-11
+      in exact arithmetic but does not cancel in fp32 when :math:`|\mu| \gg \sigma`. Statistics are fp32 for
+      fp16/bf16/fp32 input and fp64 for fp64 input.
+    * **Fewer than k iterations** (start of training): the average runs over those present.
+    * **The convolution** is read from ``x``'s autograd graph at every training forward, so the layer needs no
+      extra call, whatever module structure surrounds it. If ``x`` was not produced by a 2D convolution (a norm
+      before the conv, an activation in between, a linear layer, ``torch.compile``, an input with no graph), the
+      layer warns once and acts as plain BN (k=1); it never falls back to naive averaging.
+    * **Iterations**: with :class:`~cbn_mmdet.engine.CBNBurnInHook` the hook marks iterations. Without it a new
+      iteration begins at a training forward when, since the previous one, a backward pass ran through the layer
+      or the conv's kernel changed. A second forward in the same iteration (a layer shared between FPN levels)
+      raises an error naming the layer. Empty (N=0) and non-finite calls do not count.
+    * **Gradient checkpointing** (mmdet's ``with_cp=True``): the recomputation during backward replays the
+      statistics of the first forward and pushes the iteration once. A first forward without a graph
+      (reentrant checkpointing) compensates with the kernel seen at the previous iteration and pushes the
+      iteration at the recomputation.
+    * **Non-finite statistics**: such an iteration is normalized with its own statistics (as BN would), and
+      enters neither the window nor the running statistics.
+
+    Note:
+        The running statistics follow an exponential moving average (``momentum``; cumulative when ``None``) of
+        the statistics that actually normalized the batch: :math:`\bar\mu`, and :math:`\bar\sigma^2 n/(n-1)` with
+        :math:`n` the number of values averaged (the sum of ``N*H*W`` over the iterations in the window). With
+        ``k=1`` this is exactly BN's update. In eval mode the layer is ``nn.BatchNorm2d``. The ``state_dict`` has
+        exactly BN's keys; the window is read and restored with :meth:`get_window_state` and
+        :meth:`set_window_state`.
+
+    Args:
+        num_features (int): C of the (N, C, H, W) input.
+        eps (float): Added to the variance inside the square root (Eq. 12). Default: 1e-5.
+        momentum (float | None): Running statistics' update factor; ``None`` for a cumulative average.
+            Default: 0.1.
+        affine (bool): Learn gamma and beta. Default: True.
+        track_running_stats (bool): Keep running statistics for eval. Default: True.
+        window_size (int | str): The paper's k, the number of iterations averaged, the current one included.
+            ``k=1`` is plain BN. ``'auto'`` is resolved by ``CBNBurnInHook`` to
+            ``min(ceil(16 / images per GPU), 8)``. Default: 4.
+        compensate (bool): Apply the Taylor compensation; ``False`` gives the paper's "Naive CBN". Default: True.
+
+    Example:
+        >>> from mmcv.cnn import build_norm_layer
+        >>> import cbn_mmdet
+        >>> name, cbn = build_norm_layer(dict(type='CBN', window_size=4), 64)  # ('bn', layer)
+        >>> conv = torch.nn.Conv2d(3, 64, 3, padding=1)
+        >>> y = cbn(conv(torch.randn(2, 3, 32, 32)))
+    """
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 window_size: Union[int, str] = 4,
+                 compensate: bool = True,
+                 device=None,
+                 dtype=None):
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f'num_features must be a positive int, got {num_features!r}')
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
+            raise ValueError(f'eps must be a finite number > 0, got {eps!r}')
+        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                     or not 0 <= momentum <= 1):
+            raise ValueError(f'momentum must be None or a number in [0, 1], got {momentum!r}')
+        if not isinstance(compensate, bool):
+            raise ValueError(f'compensate must be a bool, got {compensate!r}')
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self._window_size = _check_window_size(window_size)
+        self.compensate = compensate
+        self._window: Optional[_Window] = None
+        # Iteration control. An unmanaged layer uses its window from the first iteration; CBNBurnInHook calls
+        # begin_iteration() before every training iteration.
+        self._managed = False
+        self._iter_mark = None  # hook's iteration index (managed)
+        self._use_window = True
+        self._collect = True
+        self._last_mark = None
+        self._last_version = None
+        self._called = False
+        self._flag = _BackwardFlag()
+        self._replay: Optional[_Replay] = None
+        self._conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # kernel and bias of the last push
+        self._warned = False
+        self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def window_size(self) -> Union[int, str]:
+        return self._window_size
+
+    @window_size.setter
+    def window_size(self, value) -> None:
+        value = _check_window_size(value)
+        if value != self._window_size:
+            self._window = None
+        self._window_size = value
+
+    def extra_repr(self) -> str:
+        mode = 'taylor' if self.compensate else 'naive'
+        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}'
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f'expected 4D input (got {input.dim()}D input)')
+
+    def begin_iteration(self, mark: int, use_window: bool = True, collect: bool = True) -> None:
+        """Called by :class:`~cbn_mmdet.engine.CBNBurnInHook` before each training iteration.
+
+        Args:
+            mark (int): The iteration index; the window advances when it changes.
+            use_window (bool): Normalize with the window (False during burn-in: plain BN).
+            collect (bool): Push this iteration into the window (the last k-1 burn-in iterations and after).
+        """
+        self._managed = True
+        self._iter_mark = mark
+        self._use_window = use_window
+        self._collect = collect
+
+    def reset_window(self) -> None:
+        """Forget the stored iterations."""
+        self._window = None
+        self._replay = None
+
+    @property
+    def window_length(self) -> int:
+        """How many past iterations the window holds now."""
+        return 0 if self._window is None else self._window.count
+
+    # ------------------------------------------------------------------ state
+    def get_window_state(self) -> dict:
+        """The window history as a dict of CPU tensors, for checkpoints (the state_dict stays BN's)."""
+        w = self._window
+        state = dict(window_size=self.window_size, count=0, next=0, tensors={})
+        if w is not None and w.count:
+            state.update(count=w.count, next=w.next,
+                         tensors={k: v.detach().cpu().clone() for k, v in w.tensors.items() if v is not None})
+        return state
+
+    def set_window_state(self, state: dict) -> None:
+        """Restore what :meth:`get_window_state` returned."""
+        if not isinstance(state, dict) or not {'window_size', 'count', 'next', 'tensors'} <= set(state):
+            raise ValueError(f'{self._describe()}: not a CBN window state: {type(state).__name__}')
+        self.window_size = state['window_size']
+        self._window = None
+        if not state['count'] or self.window_size == 'auto' or self.window_size < 2:
+            return
+        tensors = state['tensors']
+        capacity = self.window_size - 1
+        if tensors['mu'].shape != (capacity, self.num_features):
+            raise ValueError(f"{self._describe()}: window state holds {tuple(tensors['mu'].shape)} statistics, "
+                             f'expected ({capacity}, {self.num_features})')
+        window = _Window(capacity)
+        device = self.running_mean.device if self.running_mean is not None else (
+            self.weight.device if self.weight is not None else torch.device('cpu'))
+        for key in _WINDOW_KEYS:
+            if tensors.get(key) is not None:
+                window.tensors[key] = tensors[key].to(device).clone()
+        window.count, window.next = int(state['count']), int(state['next'])
+        self._window = window
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self._window is not None:
+            self._window.apply(fn)  # follows the device; keeps the statistics dtype
+        self._replay = None
+        return self
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
+        state = dict(state)
+        state['_conv_params'] = None  # a reference into another module; found again at the next forward
+        state['_replay'] = None
+        return state
+
+    # ------------------------------------------------------------------ helpers
+    def _describe(self) -> str:
+        return f"{type(self).__name__} '{self.module_path or self._find_module_path()}'"
+
+    def _find_module_path(self) -> str:
+        """The dotted path of this layer in its root module (only used in messages)."""
+        parent_of = {}
+        for obj in gc.get_objects():
+            if issubclass(type(obj), nn.Module):
+                for name, child in obj._modules.items():
+                    if child is not None:
+                        parent_of.setdefault(id(child), (obj, name))
+        parts, node = [], self
+        while id(node) in parent_of and len(parts) < 64:
+            node, name = parent_of[id(node)]
+            parts.append(name)
+        return '.'.join(reversed(parts)) or '<root>'
+
+    def _warn_once(self, why: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(f'{self._describe()}: {why}; it acts as plain BatchNorm (k=1) for such inputs.',
+                          stacklevel=3)
+
+    def _active_k(self) -> int:
+        if self.window_size == 'auto':
+            raise RuntimeError(f"{self._describe()}: window_size='auto' is resolved by CBNBurnInHook from "
+                               "train_dataloader.batch_size; add custom_hooks=[dict(type='CBNBurnInHook', ...)] "
+                               'or give an int window_size.')
+        return self.window_size
+
+    @staticmethod
+    def _find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
+        fn = x.grad_fn
+        if fn is None:
+            return None, 'its input has no autograd graph'
+        if type(fn).__name__ != 'ConvolutionBackward0':
+            return None, f'its input was produced by {type(fn).__name__}, not by a convolution'
+        try:
+            transposed, weight = fn._saved_transposed, fn._saved_weight
+            inp = fn._saved_input
+            stride, padding, dilation, groups = (fn._saved_stride, fn._saved_padding, fn._saved_dilation,
+                                                 fn._saved_groups)
+            has_bias = fn._saved_bias_sym_sizes_opt is not None
+        except (AttributeError, RuntimeError) as err:  # saved tensors freed, or a new torch layout
+            return None, f'the convolution in its graph could not be read ({err})'
+        if transposed or weight.dim() != 4:
+            return None, 'its input was produced by a transposed or non-2D convolution'
+        kernel = _leaf_parameter(fn.next_functions[1][0])
+        if kernel is None or kernel.shape != weight.shape:
+            kernel = weight  # frozen or derived kernel: the tensor the conv used is theta
+        bias = _leaf_parameter(fn.next_functions[2][0]) if has_bias else None  # frozen bias: constant, no term
+        return ConvSpec(kernel, bias, inp, tuple(stride), tuple(padding), tuple(dilation), int(groups)), ''
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if x.numel() == 0:
+            # An empty RoI batch: keep a graph to gamma and beta (DDP needs every parameter used); touch no state.
+            if self.affine:
+                return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+            return x.clone()
+        if not self.training:
+            return super().forward(x)  # exactly nn.BatchNorm2d in eval
+        k = self._active_k()
+        with torch.no_grad():  # the statistics' gradients are folded into cbn_normalize's backward
+            mu_t, s_t = batch_moments(x)
+        if not bool(torch.isfinite(mu_t).all() & torch.isfinite(s_t).all()):
+            # Non-finite batch: normalize with its own statistics, keep it out of every state.
+            return cbn_normalize(x, self.weight, self.bias, mu_t, s_t, 1, self.eps)
+        if self._replay is not None and _in_backward():
+            return self._replay_forward(x, mu_t, s_t)
+
+        windowed = k > 1 and (self._use_window or self._collect)
+        conv, why = self._find_conv(x) if windowed else (None, '')
+        grad_mode = torch.is_grad_enabled()
+        if windowed and conv is None and grad_mode:
+            self._warn_once(f'cannot use its window because {why}')
+            windowed = False
+        if windowed:
+            self._begin_call(conv)
+        use_window = windowed and self._use_window
+        window = self._window if use_window else None
+        with torch.no_grad():
+            mu_bar, var_bar, n_iters, m_total = self._window_stats(x, mu_t, s_t, conv, window)
+        y = cbn_normalize(x, self.weight, self.bias, mu_bar, var_bar, n_iters, self.eps, self._flag)
+        self._update_running_stats(mu_bar, var_bar, m_total)
+        pushed = False
+        if windowed and self._collect and conv is not None:
+            pushed = self._push(conv, x, mu_t, s_t)
+        self._replay = _Replay(mu_t, mu_bar, var_bar, n_iters, pushed or not (windowed and self._collect))
+        return y
+
+    def _begin_call(self, conv: Optional[ConvSpec]) -> None:
+        """Advance the iteration, or raise if this layer already ran in the current one."""
+        kernel = conv.weight if conv is not None else (self._conv_params[0] if self._conv_params else None)
+        version = kernel._version if kernel is not None else None
+        if self._managed:
+            new = self._iter_mark != self._last_mark
+        else:
+            new = not self._called or self._flag.seen or (version is not None and version != self._last_version)
+        if not new:
+            raise RuntimeError(
+                f'{self._describe()} was called twice in one training iteration (for example a head shared '
+                'across FPN levels). Its window holds one entry per iteration, so a second call would corrupt '
+                'it; give each call its own norm layer, or use BN/GN in the shared module.')
+        self._called = True
+        self._flag.seen = False
+        self._last_mark = self._iter_mark
+        self._last_version = version
+        self._replay = None
+
+    def _window_stats(self, x, mu_t, s_t, conv, window):
+        """Eq. 7-11 over the window; returns mu_bar, var_bar, the iterations averaged and the values averaged."""
+        m = x.numel() // x.shape[1]
+        if window is None or window.count == 0:
+            if m == 1:
+                raise ValueError(f'Expected more than 1 value per channel when training, got input size '
+                                 f'{list(x.shape)} (an empty CBN window behaves as BN)')
+            return mu_t, s_t, 1, m
+        h = window.view()
+        if self.compensate:
+            params = (conv.weight, conv.bias) if conv is not None else self._conv_params
+            if params is None:  # a forward without graph, before any forward with one: nothing to compensate to
+                self._warn_once('it got an input without graph before it knew its convolution')
+                return mu_t, s_t, 1, m
+            kernel, bias = params
+            mu_c, s_c = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'],
+                                   kernel.detach(), None if bias is None else bias.detach())
+            if not bool(torch.isfinite(mu_c).all() & torch.isfinite(s_c).all()):
+                self._warn_once('its compensated window is not finite (the kernel diverged)')
+                return mu_t, s_t, 1, m
+        else:
+            mu_c, s_c = h['mu'], h['s']
+        mu_bar, var_bar = window_moments(torch.cat([mu_t[None], mu_c]), torch.cat([s_t[None], s_c]))
+        return mu_bar, var_bar, 1 + window.count, m + int(h['m'].sum().item())
+
+    def _update_running_stats(self, mu_bar: Tensor, var_bar: Tensor, m_total: int) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        with torch.no_grad():
+            unbiased = var_bar * (m_total / (m_total - 1)) if m_total > 1 else var_bar
+            self.running_mean.mul_(1 - factor).add_(mu_bar.to(self.running_mean.dtype), alpha=factor)
+            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+
+    def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor) -> bool:
+        """Compute this iteration's statistic gradients (Appendix B) and store it in the window."""
+        capacity = self._active_k() - 1
+        with torch.no_grad():
+            grads = conv_stat_grads(conv, x.detach(), mu_t)
+            kernel = conv.weight.detach()
+            p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, kernel)
+            if not bool(torch.isfinite(grads.g_s).all() & torch.isfinite(p_s).all()
+                        & torch.isfinite(p_mu).all()):
+                return False
+            window = self._window
+            if window is None or window.capacity != capacity or not window.matches(grads.g_mu, grads.g_s) or \
+                    window.tensors['mu'].dtype != mu_t.dtype:
+                window = self._window = _Window(capacity)
+            bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else None
+            window.push(dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s,
+                             bias=bias if bias is not None else torch.zeros_like(mu_t),
+                             m=mu_t.new_tensor(float(x.numel() // x.shape[1]))))
+        self._conv_params = (conv.weight, conv.bias)
+        return True
+
+    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor) -> Tensor:
+        """A checkpoint recomputation: the same statistics as the first forward, and at most one push."""
+        replay = self._replay
+        if not torch.allclose(mu_t, replay.mu_t, rtol=1e-4, atol=1e-6):
+            raise RuntimeError(f'{self._describe()}: a forward during backward (gradient checkpointing) saw a '
+                               'different input from the first forward of this iteration; cannot replay its '
+                               'statistics.')
+        y = cbn_normalize(x, self.weight, self.bias, replay.mu_bar, replay.var_bar, replay.n_iters, self.eps,
+                          self._flag)
+        if not replay.pushed:
+            conv, why = self._find_conv(x)
+            if conv is None:
+                self._warn_once(f'cannot collect its window because {why}')
+            else:
+                self._push(conv, x, mu_t, s_t)
+            self._replay = replay._replace(pushed=True)
+        return y

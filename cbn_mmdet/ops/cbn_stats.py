@@ -1,0 +1,227 @@
+"""The mathematics of Cross-Iteration Batch Normalization, in plain torch.
+
+Everything here follows Yao et al., "Cross-Iteration Batch Normalization" (CVPR 2021), and cites the equation it
+implements. Nothing in this module imports mmcv or mmdet, and nothing here keeps state: the layer
+(:mod:`cbn_mmdet.models.cbn`) owns the policy and the window, this module owns the formulas.
+
+Notation (per CBN layer, output channel ``j``): the preceding convolution has kernel ``W`` of shape
+``(C, C_in/g, kh, kw)`` and an optional bias ``b``; its input is ``u`` and its output ``x`` of shape ``(N, C, H, W)``;
+``m = N*H*W``. Instead of the paper's raw second moment ``nu = mean(x^2)`` we carry the centred moment
+``s = mean((x - mu)^2) = nu - mu^2``, which is the same quantity in exact arithmetic but does not cancel
+catastrophically in fp32 when ``|mu| >> std``. Every formula below is Eq. 7-11 rewritten in ``(mu, s)``:
+
+* ``dmu_j/dW_j``  = the mean input patch ``P`` (identical for all ``j`` of a group)           (Eq. 15)
+* ``dnu_j/dW_j``  = (2/m) sum_i x_ij patch_i = ``ds_j/dW_j + 2 mu_j P``                         (App. B)
+* ``ds_j/dW_j``   = (2/m) sum_i (x_ij - mu_j) patch_i          (one conv weight-gradient)
+* ``dmu_j/db_j = 1``, ``ds_j/db_j = 0``  (``dnu_j/db_j = 2 mu_j``)
+* compensation (Eq. 7-8): with ``dmu = <P, W_t - W_tau> + (b_t - b_tau)``,
+  ``mu_tau(t) = mu_tau + dmu`` and ``s_tau(t) = s_tau + <ds/dW, W_t - W_tau> - dmu^2``,
+  which is exactly ``nu_tau(t) - mu_tau(t)^2`` for the first-order ``nu_tau(t)`` of Eq. 8.
+* the clamp ``nu >= mu^2`` of Eq. 10 is ``s >= 0``.
+* averaging (Eq. 9-11): ``mu_bar = mean(mu)``, ``var_bar = nu_bar - mu_bar^2 = mean(s) + mean((mu - mu_bar)^2)``.
+"""
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn.grad import conv2d_weight
+
+__all__ = [
+    'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'conv_stat_grads', 'kernel_products',
+    'compensate', 'window_moments', 'cbn_normalize'
+]
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in: fp64 stays fp64, everything else is fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and centred second moment of ``x`` over (N, H, W) (Eq. 2-3).
+
+    Args:
+        x (Tensor): (N, C, H, W), any floating dtype; reduced in :func:`stat_dtype`.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``mu`` (C,) and ``s = mean((x - mu)^2)`` (C,), in fp32 (fp64 for fp64 input).
+    """
+    x = x.to(stat_dtype(x.dtype))
+    s, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)  # (N, C, H, W) -> (C,), (C,)
+    return mu, s
+
+
+class ConvSpec(NamedTuple):
+    """What the statistics' gradients need to know about the convolution that produced x."""
+    weight: Tensor  # (C, C_in/g, kh, kw), the parameter itself (fp32 even under autocast)
+    bias: Optional[Tensor]  # (C,) or None
+    input: Tensor  # (N, C_in, H_in, W_in), as the convolution saw it
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    groups: int
+
+
+class StatGrads(NamedTuple):
+    """Closed-form gradients of one iteration's statistics w.r.t. its own conv kernel (Appendix B)."""
+    g_mu: Tensor  # (g, C_in/g, kh, kw): d mu_j / d W_j, shared by the channels of a group (Eq. 15)
+    g_s: Tensor  # (C, C_in/g, kh, kw): d s_j / d W_j
+
+
+def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor) -> StatGrads:
+    """``dmu/dW`` and ``ds/dW`` of the current iteration, in closed form (Appendix B, Eq. 13-15).
+
+    ``dmu_j/dW_j`` is the mean input patch: a weight-gradient of the batch-summed input against a ones map, with
+    one output channel per group, so it costs ``O(C_in * K * H * W)``. ``ds_j/dW_j`` is one full convolution
+    weight-gradient with grad_output ``x - mu``; the ``2/m`` factor is applied to the small result, not to x.
+
+    Args:
+        conv (ConvSpec): the producing convolution.
+        x (Tensor): its output (N, C, H, W).
+        mu (Tensor): the per-channel mean of x (C,), in the statistics dtype.
+
+    Returns:
+        StatGrads: both gradients, in the dtype of ``mu``.
+    """
+    dtype = mu.dtype
+    n, c, h, w = x.shape
+    m = n * h * w
+    weight_shape = conv.weight.shape
+    groups = conv.groups
+    u = conv.input.to(dtype)
+    # d mu / dW: sum_i patch_i = patches of (sum_n u_n); one "output channel" per group   (Eq. 15)
+    ones = u.new_ones(1, groups, h, w)  # (1, g, H, W)
+    g_mu = conv2d_weight(u.sum(0, keepdim=True), (groups, ) + tuple(weight_shape[1:]), ones, conv.stride,
+                         conv.padding, conv.dilation, groups)  # -> (g, C_in/g, kh, kw)
+    g_mu.div_(m)
+    # d s / dW = (2/m) sum_i (x_i - mu) patch_i                                          (App. B)
+    xc = x.to(dtype) - mu.view(1, c, 1, 1)  # (N, C, H, W)
+    g_s = conv2d_weight(u, weight_shape, xc, conv.stride, conv.padding, conv.dilation, groups)  # (C, C_in/g, kh, kw)
+    g_s.mul_(2.0 / m)
+    return StatGrads(g_mu, g_s)
+
+
+def kernel_products(g_mu: Tensor, g_s: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel inner products ``<g_mu, W_j>`` and ``<g_s_j, W_j>`` for one or many iterations.
+
+    They let the window store no copy of past kernels: ``<g, W_t - W_tau> = <g, W_t> - <g, W_tau>``, and the
+    second term is a number per channel known at time tau.
+
+    Args:
+        g_mu (Tensor): (..., g, C_in/g, kh, kw).
+        g_s (Tensor): (..., C, C_in/g, kh, kw).
+        weight (Tensor): (C, C_in/g, kh, kw).
+
+    Returns:
+        tuple[Tensor, Tensor]: (..., C) and (..., C).
+    """
+    groups = g_mu.shape[-4]
+    c = weight.shape[0]
+    lead = g_mu.shape[:-4]
+    w = weight.to(g_s.dtype)
+    w_g = w.reshape(groups, c // groups, -1)  # (g, C/g, D)
+    p_mu = torch.einsum('...gd,gcd->...gc', g_mu.reshape(*lead, groups, -1), w_g).reshape(*lead, c)
+    p_s = torch.einsum('...cd,cd->...c', g_s.reshape(*lead, c, -1), w.reshape(c, -1))
+    return p_mu, p_s
+
+
+def compensate(mu: Tensor, s: Tensor, g_mu: Tensor, g_s: Tensor, p_mu: Tensor, p_s: Tensor,
+               bias: Optional[Tensor], weight_t: Tensor, bias_t: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Move past iterations' statistics to the current kernel by a first-order Taylor term (Eq. 7-8, 10).
+
+    Args:
+        mu, s (Tensor): (T, C) statistics of T past iterations at their own weights.
+        g_mu (Tensor): (T, g, C_in/g, kh, kw) and g_s (Tensor): (T, C, C_in/g, kh, kw), their kernel gradients.
+        p_mu, p_s (Tensor): (T, C), ``<g_mu, W_tau>`` and ``<g_s, W_tau>`` recorded at time tau.
+        bias (Tensor | None): (T, C), the conv bias at time tau.
+        weight_t (Tensor): (C, C_in/g, kh, kw), the current kernel. bias_t (Tensor | None): (C,).
+
+    Returns:
+        tuple[Tensor, Tensor]: compensated ``mu_tau(theta_t)`` and ``s_tau(theta_t) >= 0``, each (T, C).
+    """
+    q_mu, q_s = kernel_products(g_mu, g_s, weight_t)  # (T, C): <g, W_t>
+    d_mu = q_mu - p_mu  # <dmu/dW, W_t - W_tau>                     (Eq. 7)
+    if bias_t is not None and bias is not None:
+        d_mu = d_mu + (bias_t.to(mu.dtype) - bias)  # dmu/db = 1
+    mu_c = mu + d_mu
+    # nu_tau(t) - mu_tau(t)^2 with nu from Eq. 8, clamped at 0 (Eq. 10: nu >= mu^2)
+    s_c = (s + (q_s - p_s) - d_mu * d_mu).clamp_(min=0)
+    return mu_c, s_c
+
+
+def window_moments(mu: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+    """Average a window's (compensated) statistics, current iteration included (Eq. 9-11).
+
+    Args:
+        mu, s (Tensor): (T, C), one row per iteration of the window.
+
+    Returns:
+        tuple[Tensor, Tensor]: ``mu_bar`` (C,) and ``var_bar = nu_bar - mu_bar^2 >= 0`` (C,).
+    """
+    mu_bar = mu.mean(0)  # (T, C) -> (C,)                                (Eq. 9)
+    spread = (mu - mu_bar).square_().mean(0)  # mean(mu^2) - mu_bar^2, without cancellation
+    var_bar = s.mean(0) + spread  # nu_bar - mu_bar^2                     (Eq. 10-11)
+    return mu_bar, var_bar
+
+
+class _CBNNormalize(torch.autograd.Function):
+    """y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta, with gradients through the current moments only.
+
+    ``mu_bar`` and ``var_bar`` average ``n`` iterations of which only the current one depends on x. Differentiating
+    Eq. 9-12 through the current ``mu_t`` and ``s_t`` gives BN's backward with the count ``n*m`` in place of
+    ``m``:  ``dx = r*gamma*(dy - sum(dy)/(n m) - (x - mu_bar) r^2 sum(dy (x - mu_bar))/(n m))``, ``r`` the inverse
+    std. We evaluate it as ``dx_BN(weight=gamma/n) + (1 - 1/n) r gamma dy`` with torch's fused BN backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mu_bar, var_bar, n_iters, eps, on_backward):
+        # fp16/bf16 x with fp32 gamma, beta and statistics is a supported mixed-precision BN call
+        dtype = mu_bar.dtype
+        y = torch.batch_norm(x, None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
+                             mu_bar, var_bar, False, 0.0, eps, torch.backends.cudnn.enabled)
+        ctx.save_for_backward(x, weight, mu_bar, var_bar)
+        ctx.n_iters = n_iters
+        ctx.eps = eps
+        ctx.on_backward = on_backward
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        x, weight, mu_bar, var_bar = ctx.saved_tensors
+        n = ctx.n_iters
+        invstd = torch.rsqrt(var_bar + ctx.eps)
+        c = x.shape[1]
+        w_eff = (weight.to(invstd.dtype) if weight is not None else invstd.new_ones(c)) / n
+        grad_out = grad_out.contiguous()
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_out, x, w_eff, None, None, mu_bar, invstd,
+                                                               True, ctx.eps, mask)
+        if gx is not None and n > 1:
+            coef = (invstd * (w_eff * (n - 1))).to(gx.dtype).view(1, c, 1, 1)  # (1 - 1/n) r gamma
+            gx = gx.addcmul_(grad_out, coef)
+        if gw is not None:
+            gw = gw.to(weight.dtype)
+        if gb is not None:
+            gb = gb.to(weight.dtype)
+        return gx, gw, gb, None, None, None, None, None
+
+
+def cbn_normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mu_bar: Tensor, var_bar: Tensor,
+                  n_iters: int, eps: float, on_backward: Optional[Callable[[], None]] = None) -> Tensor:
+    """Normalize with window statistics (Eq. 12) and the affine transform (Eq. 4).
+
+    Gradients reach x, weight and bias; ``mu_bar`` and ``var_bar`` are treated as functions of x through the
+    current iteration's moments only (the history is constant), as in the authors' release.
+
+    Args:
+        x (Tensor): (N, C, H, W).
+        weight, bias (Tensor | None): gamma and beta (C,).
+        mu_bar, var_bar (Tensor): (C,) window statistics, detached.
+        n_iters (int): iterations averaged into them, the current one included.
+        eps (float): added inside the square root.
+        on_backward (callable, optional): called with no argument when the backward pass reaches this op.
+    """
+    return _CBNNormalize.apply(x, weight, bias, mu_bar, var_bar, n_iters, eps, on_backward)

@@ -1,0 +1,65 @@
+"""A slow, independent reference of CBN, written straight from the paper's equations.
+
+It keeps full copies of past kernels, full Jacobians of the statistics from brute-force autograd
+(``torch.autograd.functional.jacobian``), the raw second moment ``nu`` (Eq. 3), and differentiates the output by
+plain autograd. None of it shares code with ``cbn_mmdet``.
+"""
+import torch
+import torch.nn.functional as F
+
+
+class ReferenceCBN:
+
+    def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64):
+        self.k = window_size
+        self.compensate = compensate
+        self.eps = eps
+        self.momentum = momentum
+        self.history = []
+        self.running_mean = torch.zeros(num_features, dtype=dtype)
+        self.running_var = torch.ones(num_features, dtype=dtype)
+        self.weight = torch.ones(num_features, dtype=dtype, requires_grad=True)
+        self.bias = torch.zeros(num_features, dtype=dtype, requires_grad=True)
+
+    def __call__(self, conv, conv_input):
+        """Apply ``conv`` to ``conv_input``, then CBN (Eq. 2-12) to its output."""
+        x = conv(conv_input)
+        has_bias = conv.bias is not None
+        theta_t = torch.cat([conv.weight.detach().flatten()] + ([conv.bias.detach()] if has_bias else []))
+        n_w = conv.weight.numel()
+        u = conv_input.detach()
+
+        def stats(theta):  # Eq. 2-3 as a function of the layer's own kernel (Eq. 14)
+            w = theta[:n_w].view_as(conv.weight)
+            b = theta[n_w:] if has_bias else None
+            xx = F.conv2d(u, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return xx.mean((0, 2, 3)), (xx * xx).mean((0, 2, 3))
+
+        j_mu, j_nu = torch.autograd.functional.jacobian(stats, theta_t, vectorize=True)  # (C, P) each, brute force
+        mu_t = x.mean((0, 2, 3))
+        nu_t = (x * x).mean((0, 2, 3))
+        mus, nus = [mu_t], [nu_t]
+        window = self.history[max(0, len(self.history) - (self.k - 1)):] if self.k > 1 else []
+        for past in window:
+            if self.compensate:  # Eq. 7-8
+                delta = theta_t - past['theta']
+                mu = past['mu'] + past['j_mu'] @ delta
+                nu = past['nu'] + past['j_nu'] @ delta
+            else:
+                mu, nu = past['mu'], past['nu']
+            mus.append(mu)
+            nus.append(torch.maximum(nu, mu * mu))  # Eq. 10
+        mu_bar = torch.stack(mus).mean(0)  # Eq. 9
+        nu_bar = torch.stack(nus).mean(0)  # Eq. 10
+        var_bar = (nu_bar - mu_bar * mu_bar).clamp(min=0)  # Eq. 11
+        shape = (1, -1, 1, 1)
+        y = (x - mu_bar.view(shape)) / torch.sqrt(var_bar.view(shape) + self.eps)  # Eq. 12
+        y = y * self.weight.view(shape) + self.bias.view(shape)  # Eq. 4
+        m = x.numel() // x.shape[1]
+        n = m + sum(p['m'] for p in window)
+        with torch.no_grad():
+            self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mu_bar)
+            self.running_var.mul_(1 - self.momentum).add_(self.momentum * var_bar * n / (n - 1))
+        self.history.append(dict(mu=mu_t.detach(), nu=nu_t.detach(), j_mu=j_mu, j_nu=j_nu, theta=theta_t.clone(),
+                                 m=m))
+        return y

@@ -1,0 +1,436 @@
+"""Tests of CrossIterationBatchNorm2d: errors first, then the reference comparison, then the behaviour."""
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
+from cbn_mmdet.models.cbn import resolve_auto_window
+
+from .reference import ReferenceCBN
+
+
+def sgd_step(params, lr=0.05):
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.sub_(lr * p.grad)
+                p.grad = None
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(window_size=0), 'window_size.*0'),
+    (dict(window_size=-2), 'window_size.*-2'),
+    (dict(window_size=2.0), 'window_size.*2.0'),
+    (dict(window_size=True), 'window_size.*True'),
+    (dict(window_size='big'), "window_size.*'big'"),
+    (dict(eps=0), 'eps.*0'),
+    (dict(eps=-1e-5), 'eps.*-1e-05'),
+    (dict(momentum=1.5), 'momentum.*1.5'),
+    (dict(momentum=-0.1), 'momentum.*-0.1'),
+    (dict(compensate='yes'), "compensate.*'yes'"),
+])
+def test_invalid_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CBN(8, **kwargs)
+
+
+@pytest.mark.parametrize('num_features', [0, -3, 2.5, True])
+def test_invalid_num_features(num_features):
+    with pytest.raises(ValueError, match=f'num_features.*{num_features}'):
+        CBN(num_features)
+
+
+def test_window_size_setter_validates():
+    layer = CBN(4)
+    with pytest.raises(ValueError, match='window_size.*0'):
+        layer.window_size = 0
+
+
+def test_not_4d_input():
+    with pytest.raises(ValueError, match=r'expected 4D input \(got 3D input\)'):
+        CBN(4)(torch.randn(2, 4, 5))
+
+
+def test_auto_window_without_hook_raises_at_first_training_forward():
+    layer = CBN(4, window_size='auto')
+    conv = nn.Conv2d(3, 4, 1)
+    layer.eval()
+    layer(conv(torch.randn(2, 3, 4, 4)))  # eval is fine
+    layer.train()
+    with pytest.raises(RuntimeError, match="window_size='auto'.*CBNBurnInHook"):
+        layer(conv(torch.randn(2, 3, 4, 4)))
+
+
+def test_auto_window_rule():
+    assert [resolve_auto_window(b) for b in (1, 2, 3, 4, 8, 16, 32)] == [8, 8, 6, 4, 2, 1, 1]
+    with pytest.raises(ValueError, match='images_per_gpu.*0'):
+        resolve_auto_window(0)
+
+
+def test_shared_layer_called_twice_in_one_iteration_raises():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    model = nn.Sequential()
+    model.add_module('head', nn.Module())
+    model.head.norm = CBN(4, window_size=2)
+    model.head.norm(conv(torch.randn(2, 3, 6, 6)))
+    with pytest.raises(RuntimeError, match=r"called twice in one training iteration") as err:
+        model.head.norm(conv(torch.randn(2, 3, 6, 6)))
+    assert "'head.norm'" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- reference comparison
+CONV_VARIANTS = {
+    '3x3': dict(kernel_size=3, padding=1),
+    '1x1': dict(kernel_size=1),
+    'stride2': dict(kernel_size=3, padding=1, stride=2),
+    'dilation2': dict(kernel_size=3, padding=2, dilation=2),
+    'groups2': dict(kernel_size=3, padding=1, groups=2),
+}
+
+
+def build_pair(variant, bias, k, compensate, dtype):
+    torch.manual_seed(0)
+    conv1 = nn.Conv2d(4, 8, bias=bias, **CONV_VARIANTS[variant]).to(dtype)
+    conv2 = nn.Conv2d(8, 8, bias=bias, **CONV_VARIANTS[variant]).to(dtype)
+    cbn1 = CBN(8, window_size=k, compensate=compensate).to(dtype)
+    cbn2 = CBN(8, window_size=k, compensate=compensate).to(dtype)
+    ref_convs = copy.deepcopy(conv1), copy.deepcopy(conv2)
+    refs = ReferenceCBN(8, k, compensate, dtype=dtype), ReferenceCBN(8, k, compensate, dtype=dtype)
+    return (conv1, conv2, cbn1, cbn2), (ref_convs, refs)
+
+
+class Momentum:
+    """SGD with momentum on a list of tensors (one instance per model, the same rule for both)."""
+
+    def __init__(self, params, lr=0.05, momentum=0.9):
+        self.params, self.lr, self.mom = list(params), lr, momentum
+        self.buf = [torch.zeros_like(p) for p in self.params]
+
+    def step(self):
+        with torch.no_grad():
+            for p, b in zip(self.params, self.buf):
+                assert p.grad is not None, p.shape
+                b.mul_(self.mom).add_(p.grad)
+                p.sub_(self.lr * b)
+                p.grad = None
+
+
+def run_against_reference(variant, bias, k, compensate, dtype, iters=20):
+    (conv1, conv2, cbn1, cbn2), ((rconv1, rconv2), (ref1, ref2)) = build_pair(variant, bias, k, compensate, dtype)
+    opt = Momentum([*conv1.parameters(), *conv2.parameters(), *cbn1.parameters(), *cbn2.parameters()])
+    ropt = Momentum([*rconv1.parameters(), *rconv2.parameters(), ref1.weight, ref1.bias, ref2.weight, ref2.bias])
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for it in range(iters):
+        inp = (torch.randn(2, 4, 10, 10, generator=gen, dtype=dtype) * 2 + 0.5).requires_grad_()
+        target = torch.randn(1, generator=gen, dtype=dtype)
+        out = cbn2(conv2(F.relu(cbn1(conv1(inp)))))
+        rinp = inp.detach().clone().requires_grad_()
+        rout = ref2(rconv2, F.relu(ref1(rconv1, rinp)))
+        proj = torch.randn(out.shape, generator=gen, dtype=dtype)
+        ((out * proj).sum() + target * out.square().mean()).backward()
+        ((rout * proj).sum() + target * rout.square().mean()).backward()
+        for a, b in [(out, rout), (inp.grad, rinp.grad), (cbn1.running_mean, ref1.running_mean),
+                     (cbn1.running_var, ref1.running_var), (cbn2.running_mean, ref2.running_mean),
+                     (cbn2.running_var, ref2.running_var), (conv1.weight.grad, rconv1.weight.grad),
+                     (cbn2.weight.grad, ref2.weight.grad)]:
+            worst = max(worst, (a.detach() - b.detach()).abs().max().item() / (1 + b.detach().abs().max().item()))
+        opt.step()
+        ropt.step()
+    assert cbn1.window_length == min(k - 1, iters)
+    return worst
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('variant', list(CONV_VARIANTS))
+@pytest.mark.parametrize('compensate', [True, False])
+@pytest.mark.parametrize('k', [1, 2, 4, 8])
+def test_matches_reference_fp64(k, compensate, variant, bias):
+    assert run_against_reference(variant, bias, k, compensate, torch.float64) < 1e-8
+
+
+@pytest.mark.parametrize('compensate', [True, False])
+@pytest.mark.parametrize('k', [2, 4])
+def test_matches_reference_fp32(k, compensate):
+    assert run_against_reference('3x3', True, k, compensate, torch.float32) < 1e-4
+
+
+def test_compensation_matters():
+    """Naive and compensated CBN differ on the same trajectory (so the reference test can tell them apart)."""
+    (conv1, _, cbn1, _), _ = build_pair('3x3', True, 4, True, torch.float64)
+    naive = CBN(8, window_size=4, compensate=False).double()
+    conv_n = copy.deepcopy(conv1)
+    diffs = []
+    for it in range(6):
+        inp = torch.randn(2, 4, 10, 10, dtype=torch.float64)
+        y = cbn1(conv1(inp))
+        yn = naive(conv_n(inp))
+        diffs.append((y - yn).abs().max().item())
+        y.square().mean().backward()
+        yn.square().mean().backward()
+        sgd_step([*conv1.parameters(), *cbn1.parameters()], lr=0.5)
+        sgd_step([*conv_n.parameters(), *naive.parameters()], lr=0.5)
+    assert diffs[0] == 0 and max(diffs[2:]) > 1e-3
+
+
+# ----------------------------------------------------------------------------- BN equivalence
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_k1_is_batchnorm_in_training(dtype, tol, momentum):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1).to(dtype)
+    conv_bn = copy.deepcopy(conv)
+    cbn = CBN(6, window_size=1, momentum=momentum).to(dtype)
+    bn = nn.BatchNorm2d(6, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-1, 1)
+    bn.load_state_dict(cbn.state_dict())
+    for it in range(5):
+        inp = torch.randn(2, 3, 7, 7, dtype=dtype) * 3 + 1
+        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        y, yb = cbn(conv(a)), bn(conv_bn(b))
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (yb * g).sum().backward()
+        torch.testing.assert_close(y, yb, rtol=tol, atol=tol)
+        torch.testing.assert_close(a.grad, b.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(cbn.weight.grad, bn.weight.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(cbn.bias.grad, bn.bias.grad, rtol=tol, atol=tol)
+        torch.testing.assert_close(cbn.running_mean, bn.running_mean, rtol=tol, atol=tol)
+        torch.testing.assert_close(cbn.running_var, bn.running_var, rtol=tol, atol=tol)
+        assert cbn.num_batches_tracked == bn.num_batches_tracked
+        sgd_step([*conv.parameters(), *cbn.parameters()])
+        sgd_step([*conv_bn.parameters(), *bn.parameters()])
+
+
+def test_eval_is_batchnorm():
+    cbn, bn = CBN(6, window_size=4), nn.BatchNorm2d(6)
+    with torch.no_grad():
+        cbn.running_mean.uniform_(-1, 1)
+        cbn.running_var.uniform_(0.5, 2)
+        cbn.weight.uniform_(0.5, 1.5)
+    bn.load_state_dict(cbn.state_dict())
+    cbn.eval()
+    bn.eval()
+    x = torch.randn(3, 6, 5, 5)
+    assert torch.equal(cbn(x), bn(x))
+
+
+# ----------------------------------------------------------------------------- robustness
+def trained_layer(k=3, iters=4, c=4, **kwargs):
+    conv = nn.Conv2d(3, c, 3, padding=1)
+    layer = CBN(c, window_size=k, **kwargs)
+    for _ in range(iters):
+        layer(conv(torch.randn(2, 3, 6, 6))).square().mean().backward()
+        sgd_step([*conv.parameters(), *layer.parameters()])
+    return conv, layer
+
+
+def test_empty_batch_keeps_graph_and_state():
+    conv, layer = trained_layer()
+    before = (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(),
+              layer.window_length)
+    y = layer(conv(torch.randn(0, 3, 6, 6)))
+    assert y.shape == (0, 4, 6, 6) and y.grad_fn is not None
+    y.sum().backward()
+    assert layer.weight.grad is not None
+    assert torch.equal(before[0], layer.running_mean) and torch.equal(before[1], layer.running_var)
+    assert before[2] == layer.num_batches_tracked and before[3] == layer.window_length
+    # the empty call did not count as an iteration: the next real one is accepted
+    layer(conv(torch.randn(2, 3, 6, 6)))
+
+
+def test_single_value_per_channel():
+    conv, layer = trained_layer()
+    y = layer(conv(torch.randn(1, 3, 1, 1)))
+    assert torch.isfinite(y).all()
+    fresh = CBN(4, window_size=3)
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+        fresh(conv(torch.randn(1, 3, 1, 1)))
+    with pytest.raises(ValueError, match='Expected more than 1 value per channel'):
+        nn.BatchNorm2d(4)(conv(torch.randn(1, 3, 1, 1)))
+
+
+def test_non_finite_iteration_is_dropped():
+    conv, layer = trained_layer()
+    state = layer.get_window_state()
+    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    bad = torch.randn(2, 3, 6, 6)
+    bad[0, 0, 0, 0] = float('nan')
+    y = layer(conv(bad))
+    assert not torch.isfinite(y).all()
+    assert torch.equal(rm, layer.running_mean) and torch.equal(rv, layer.running_var)
+    after = layer.get_window_state()
+    assert after['count'] == state['count'] and all(
+        torch.equal(state['tensors'][k], after['tensors'][k]) for k in state['tensors'])
+    y = layer(conv(torch.randn(2, 3, 6, 6)))  # next iteration is clean
+    assert torch.isfinite(y).all() and torch.isfinite(layer.running_var).all()
+
+
+def test_stable_for_large_mean_small_std_fp32():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 1, bias=True)
+    with torch.no_grad():
+        conv.weight.fill_(0.01)
+        conv.bias.fill_(100.0)
+    layer = CBN(3, window_size=4)
+    for _ in range(5):
+        inp = torch.randn(4, 2, 8, 8)
+        x = conv(inp)
+        y = layer(x)
+        # the window holds near-identical iterations: the output must be close to BN in fp64
+        xd = x.detach().double()
+        ref = (xd - xd.mean((0, 2, 3), keepdim=True)) / torch.sqrt(xd.var((0, 2, 3), unbiased=False,
+                                                                          keepdim=True) + 1e-5)
+        assert y.std().item() == pytest.approx(ref.std().item(), rel=0.3)
+        assert y.abs().max() < 10
+        y.sum().backward()
+        with torch.no_grad():
+            conv.weight.add_(1e-4)
+
+
+def test_no_conv_warns_once_and_acts_as_bn():
+    layer, bn = CBN(4, window_size=4), nn.BatchNorm2d(4)
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.warns(UserWarning, match='ReluBackward0.*plain BatchNorm'):
+        y = layer(F.relu(conv(torch.randn(2, 3, 6, 6))))
+    x = F.relu(conv(torch.randn(2, 3, 6, 6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        y = layer(x)
+    torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-5)
+    assert layer.window_length == 0
+    with pytest.warns(UserWarning, match='no autograd graph'):
+        CBN(4)(torch.randn(2, 4, 3, 3))
+    lin = nn.Linear(3, 4)
+    with pytest.warns(UserWarning, match='AddmmBackward0|ViewBackward0'):
+        CBN(4)(lin(torch.randn(8, 3)).view(2, 4, 2, 2))
+
+
+def test_finds_conv_without_common_parent_and_in_sequential():
+    conv, layer = nn.Conv2d(3, 4, 3), CBN(4, window_size=3)
+    seq = nn.Sequential(nn.Conv2d(3, 4, 3), CBN(4, window_size=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for _ in range(3):
+            layer(conv(torch.randn(2, 3, 6, 6))).sum().backward()
+            seq(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert layer.window_length == 2 and seq[1].window_length == 2
+
+
+def test_iterations_advance_on_kernel_change_without_backward():
+    conv, layer = nn.Conv2d(3, 4, 3), CBN(4, window_size=4)
+    with torch.no_grad():
+        pass
+    for _ in range(3):
+        layer(conv(torch.randn(2, 3, 6, 6)))
+        with torch.no_grad():
+            conv.weight.add_(0.01)
+    assert layer.window_length == 3
+
+
+def test_gradient_checkpointing_replays(use_reentrant=True):
+    for reentrant in (True, False):
+        torch.manual_seed(0)
+        conv, layer = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window_size=3)
+        conv_p, layer_p = copy.deepcopy(conv), copy.deepcopy(layer)
+        for it in range(5):
+            inp = torch.randn(2, 3, 6, 6, requires_grad=True)
+            inp_p = inp.detach().clone().requires_grad_()
+            y = checkpoint(lambda t: layer(conv(t)), inp, use_reentrant=reentrant)
+            y_p = layer_p(conv_p(inp_p))
+            g = torch.randn_like(y)
+            (y * g).sum().backward()
+            (y_p * g).sum().backward()
+            torch.testing.assert_close(y, y_p)
+            torch.testing.assert_close(inp.grad, inp_p.grad)
+            torch.testing.assert_close(layer.running_var, layer_p.running_var)
+            assert layer.window_length == layer_p.window_length == min(it + 1, 2)
+            sgd_step([*conv.parameters(), *layer.parameters()])
+            sgd_step([*conv_p.parameters(), *layer_p.parameters()])
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_keep_fp32_statistics(dtype):
+    conv, layer = nn.Conv2d(3, 4, 3, padding=1).to(dtype), CBN(4, window_size=3).to(dtype)
+    for _ in range(3):
+        y = layer(conv(torch.randn(2, 3, 6, 6, dtype=dtype)))
+        assert y.dtype == dtype and torch.isfinite(y).all()
+        y.float().square().mean().backward()
+        sgd_step([*conv.parameters(), *layer.parameters()])
+    assert layer._window.tensors['g_s'].dtype == torch.float32
+
+
+def test_autocast_uses_fp32_kernel():
+    conv, layer = nn.Conv2d(3, 4, 3, padding=1), CBN(4, window_size=3)
+    for _ in range(3):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = layer(conv(torch.randn(2, 3, 6, 6)))
+        assert torch.isfinite(y).all()
+        y.float().square().mean().backward()
+        assert layer._conv_params[0] is conv.weight
+        sgd_step([*conv.parameters(), *layer.parameters()])
+    assert layer.window_length == 2
+
+
+def test_frozen_affine_still_trains_window():
+    conv, layer = nn.Conv2d(3, 4, 3), CBN(4, window_size=3)
+    layer.weight.requires_grad_(False)
+    layer.bias.requires_grad_(False)
+    for _ in range(3):
+        layer(conv(torch.randn(2, 3, 6, 6))).sum().backward()
+        sgd_step(conv.parameters())
+    assert layer.window_length == 2
+
+
+def test_deepcopy_pickle_and_device_move_keep_window():
+    conv, layer = trained_layer()
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer).to('cpu')):
+        assert clone.window_length == layer.window_length
+        assert torch.equal(clone._window.tensors['g_s'], layer._window.tensors['g_s'])
+    moved = copy.deepcopy(layer).to(torch.float64)
+    assert moved._window.tensors['g_s'].dtype == torch.float32  # statistics keep their dtype
+
+
+def test_state_dict_is_batchnorm():
+    conv, layer = trained_layer()
+    bn = nn.BatchNorm2d(4)
+    assert set(layer.state_dict()) == set(bn.state_dict())
+    bn.load_state_dict(layer.state_dict(), strict=True)
+    fresh = CBN(4)
+    fresh.load_state_dict(bn.state_dict(), strict=True)
+    assert torch.equal(fresh.running_var, layer.running_var)
+
+
+def test_window_state_round_trip():
+    conv, layer = trained_layer(k=4, iters=5)
+    state = layer.get_window_state()
+    fresh = CBN(4, window_size=4)
+    fresh.set_window_state(pickle.loads(pickle.dumps(state)))
+    assert fresh.window_length == 3
+    with pytest.raises(ValueError, match='window state holds'):
+        CBN(5, window_size=4).set_window_state(state)
+    with pytest.raises(ValueError, match='not a CBN window state'):
+        fresh.set_window_state({'count': 1})
+
+
+def test_extra_repr():
+    assert 'window_size=4, compensate=taylor' in repr(CBN(4))
+    assert 'compensate=naive' in repr(CBN(4, compensate=False))
+
+
+def test_history_memory_is_one_kernel_per_stored_iteration():
+    conv, layer = trained_layer(k=4, iters=5, c=8)
+    t = layer._window.tensors
+    kernel = conv.weight.numel()
+    big = [k for k, v in t.items() if v is not None and v[0].numel() >= kernel]
+    assert big == ['g_s']
+    assert t['g_mu'][0].numel() == conv.weight[0].numel()  # one patch (groups=1)
