@@ -1,0 +1,152 @@
+"""CBNBurnInHook: the burn-in schedule, the 'auto' window, and the windows in checkpoints.
+
+The hook never does math: it tells each CBN layer, before every training iteration, whether to normalize with
+its window and whether to collect history, and it moves the windows in and out of checkpoints.
+"""
+from typing import Dict, Iterable, Optional, Tuple, Union
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+from ..models.cbn import CrossIterationBatchNorm2d, resolve_auto_window
+
+CHECKPOINT_KEY = 'cbn_windows'
+_CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d)
+
+
+def _check_count(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f'CBNBurnInHook: {name} must be an int >= 0, got {value!r}')
+
+
+def cbn_layers(model: nn.Module) -> Iterable[Tuple[str, CrossIterationBatchNorm2d]]:
+    """(name, layer) for every CBN layer of a model, looking through DDP and other model wrappers."""
+    if is_model_wrapper(model):
+        model = model.module
+    for name, module in model.named_modules():
+        if isinstance(module, CrossIterationBatchNorm2d):
+            yield name, module
+
+
+def config_uses_cbn(cfg) -> bool:
+    """Whether a (model) config anywhere builds a CBN layer."""
+    if isinstance(cfg, dict):
+        if cfg.get('type') in _CBN_TYPES:
+            return True
+        return any(config_uses_cbn(v) for v in cfg.values())
+    if isinstance(cfg, (list, tuple)):
+        return any(config_uses_cbn(v) for v in cfg)
+    return False
+
+
+class CBNBurnInHook(Hook):
+    """Burn-in for Cross-Iteration BN (paper Sec. 3.3): k=1 first, then each layer's window.
+
+    During the first ``burnin_iters`` iterations (or ``burnin_epochs`` epochs) every CBN layer is exactly BN. Each
+    layer starts collecting history ``k-1`` iterations before the end of burn-in, so its window is full when it
+    opens, and no statistics gradient is computed before then. The hook also resolves ``window_size='auto'``
+    (``k = min(ceil(16 / images per GPU), 8)``, Sec. 4.3, images per GPU read from ``train_dataloader.batch_size``),
+    saves every layer's window in training checkpoints under ``'cbn_windows'`` and restores it on resume, so a
+    resumed run continues with full windows. The iteration index comes from the runner, so the burn-in position
+    resumes with it.
+
+    Args:
+        burnin_epochs (int, optional): Burn-in length in epochs (the paper uses 3 on COCO).
+        burnin_iters (int, optional): Burn-in length in iterations. Give exactly one of the two.
+        window_size (int | str, optional): If given, overrides every CBN layer's window (an int >= 1 or 'auto').
+            Default: None (each layer keeps its own; layers with 'auto' are resolved).
+
+    Example:
+        >>> custom_hooks = [dict(type='CBNBurnInHook', burnin_epochs=3)]
+    """
+    priority = 'ABOVE_NORMAL'
+
+    def __init__(self,
+                 burnin_epochs: Optional[int] = None,
+                 burnin_iters: Optional[int] = None,
+                 window_size: Optional[Union[int, str]] = None):
+        if (burnin_epochs is None) == (burnin_iters is None):
+            raise ValueError('CBNBurnInHook: give exactly one of burnin_epochs and burnin_iters, got '
+                             f'burnin_epochs={burnin_epochs!r}, burnin_iters={burnin_iters!r}')
+        _check_count('burnin_epochs', burnin_epochs)
+        _check_count('burnin_iters', burnin_iters)
+        if window_size is not None and window_size != 'auto' and (
+                isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1):
+            raise ValueError(f"CBNBurnInHook: window_size must be None, an int >= 1 or 'auto', got {window_size!r}")
+        self.burnin_epochs = burnin_epochs
+        self.burnin_iters = burnin_iters
+        self.window_size = window_size
+        self._burnin: Optional[int] = None
+        self._opened_logged = False
+
+    # ------------------------------------------------------------------ set-up
+    def before_run(self, runner) -> None:
+        cfg = getattr(runner, 'cfg', None) or {}
+        if cfg.get('sync_bn') is not None and config_uses_cbn(cfg.get('model', {})):
+            raise ValueError(f"CBNBurnInHook: the config sets sync_bn={cfg.get('sync_bn')!r} and uses CBN; "
+                             "mmengine's sync_bn converts every _BatchNorm, CBN included, into SyncBatchNorm, which "
+                             'would silently replace CBN. Remove sync_bn, or use SyncBN explicitly in norm_cfg.')
+        layers = dict(cbn_layers(runner.model))
+        if not layers:
+            runner.logger.warning('CBNBurnInHook: the model has no CBN layer; the hook does nothing.')
+            return
+        for name, layer in layers.items():
+            layer.module_path = name
+            if self.window_size is not None:
+                layer.window_size = self.window_size
+        if any(layer.window_size == 'auto' for layer in layers.values()):
+            k = resolve_auto_window(self._images_per_gpu(runner))
+            for layer in layers.values():
+                if layer.window_size == 'auto':
+                    layer.window_size = k
+            runner.logger.info(f'CBNBurnInHook: window_size=auto -> k={k} '
+                               f'(min(ceil(16 / {self._images_per_gpu(runner)} images per GPU), 8))')
+        sizes = sorted({layer.window_size for layer in layers.values()})
+        runner.logger.info(f'CBNBurnInHook: {len(layers)} CBN layers, window sizes {sizes}')
+
+    @staticmethod
+    def _images_per_gpu(runner) -> int:
+        loader = getattr(runner, '_train_dataloader', None)
+        batch_size = getattr(loader, 'batch_size', None)
+        if batch_size is None and isinstance(loader, dict):
+            batch_size = loader.get('batch_size')
+        if batch_size is None:
+            batch_size = (runner.cfg.get('train_dataloader') or {}).get('batch_size')
+        if batch_size is None:
+            raise ValueError("CBNBurnInHook: window_size='auto' needs train_dataloader.batch_size, found none")
+        return batch_size
+
+    def before_train(self, runner) -> None:
+        if self.burnin_iters is not None:
+            self._burnin = self.burnin_iters
+        else:
+            self._burnin = self.burnin_epochs * len(runner.train_dataloader)
+        runner.logger.info(f'CBNBurnInHook: burn-in of {self._burnin} iterations (BN, k=1); windows open at '
+                           f'iteration {self._burnin}')
+
+    # ------------------------------------------------------------------ every iteration
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        it = runner.iter
+        burnin = self._burnin or 0
+        for _, layer in cbn_layers(runner.model):
+            k = layer.window_size
+            layer.begin_iteration(it, use_window=it >= burnin, collect=k > 1 and it >= burnin - (k - 1))
+        if it >= burnin and not self._opened_logged:
+            self._opened_logged = True
+            runner.logger.info(f'CBNBurnInHook: CBN windows are open from iteration {it}')
+
+    # ------------------------------------------------------------------ checkpoints
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        checkpoint[CHECKPOINT_KEY] = {name: layer.get_window_state() for name, layer in cbn_layers(runner.model)}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        states: Dict[str, dict] = checkpoint.get(CHECKPOINT_KEY) or {}
+        layers = dict(cbn_layers(runner.model))
+        restored = 0
+        for name, state in states.items():
+            if name in layers:
+                layers[name].set_window_state(state)
+                restored += int(state.get('count', 0) > 0)
+        if states:
+            runner.logger.info(f'CBNBurnInHook: restored the windows of {restored} CBN layers from the checkpoint')

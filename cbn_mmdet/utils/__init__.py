@@ -1,0 +1,1 @@
+"""What the stack needs to work on this torch and on CPU-only machines."""
