@@ -28,6 +28,7 @@ def main(argv=None):
     parser.add_argument('--iters', type=int, default=None, help='training iterations (default: the config)')
     parser.add_argument('--work-dir', default=osp.join(ROOT, 'work_dirs/toy_demo'))
     parser.add_argument('--data-root', default=osp.join(ROOT, 'data/toy_coco'))
+    parser.add_argument('--cfg-options', nargs='+', default=[], help='extra key=value overrides of the config')
     args = parser.parse_args(argv)
 
     start = time.time()
@@ -38,8 +39,12 @@ def main(argv=None):
                f'val_evaluator.ann_file={data}annotations/instances_val.json',
                f'test_evaluator.ann_file={data}annotations/instances_val.json']
     if args.iters is not None:
+        # the same schedule, scaled: lr steps at 75% and 92% of training
+        steps = f'[{args.iters * 3 // 4},{args.iters * 23 // 25}]'
         options += [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
-                    f'default_hooks.checkpoint.interval={args.iters}']
+                    f'default_hooks.checkpoint.interval={args.iters}', f'param_scheduler.1.end={args.iters}',
+                    f'param_scheduler.1.milestones={steps}']
+    options += args.cfg_options
     runner = train_tool.main([args.config, '--work-dir', args.work_dir, '--cfg-options', *options])
     checkpoint = osp.join(args.work_dir, f'iter_{runner.iter}.pth')
     metrics = test_tool.main([args.config, checkpoint, '--work-dir', args.work_dir, '--cfg-options', *options])

@@ -73,3 +73,54 @@ def test_cbn_heads_train_and_fill_windows(name):
     assert len(layers) == 8 + 4 + (4 if with_mask else 0)  # FPN lateral+output convs, 4 box convs, 4 mask convs
     one_step_and_inference(model, with_mask, steps=2)
     assert all(layer.window_length == 1 for layer in layers)
+
+
+def resnet_with_cbn(with_cp, k=3):
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(0)
+    return ResNet(depth=18, base_channels=16, norm_cfg=dict(type='CBN', window_size=k, requires_grad=True),
+                  norm_eval=False, with_cp=with_cp)
+
+
+def test_resnet_siblings_downsample_and_convmodule_find_their_convs():
+    import warnings
+
+    from mmcv.cnn import ConvModule
+    model = resnet_with_cbn(False)
+    block = ConvModule(8, 8, 3, padding=1, norm_cfg=dict(type='CBN', window_size=3))
+    optim = torch.optim.SGD([*model.parameters(), *block.parameters()], lr=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no layer may fall back to BN
+        for _ in range(3):
+            out = model(torch.randn(2, 3, 32, 32))
+            loss = sum(o.square().mean() for o in out) + block(torch.randn(2, 8, 6, 6)).square().mean()
+            loss.backward()
+            optim.step()
+            optim.zero_grad()
+    layers = [m for m in [*model.modules(), *block.modules()] if isinstance(m, CrossIterationBatchNorm2d)]
+    assert len(layers) == 1 + 8 * 2 + 3 + 1  # stem, 8 blocks x 2, 3 downsamples, ConvModule
+    assert all(layer.window_length == 2 for layer in layers)
+
+
+def test_resnet_with_cp_matches_without():
+    a, b = resnet_with_cbn(True).double(), resnet_with_cbn(False).double()
+    b.load_state_dict(a.state_dict())
+    oa = torch.optim.SGD(a.parameters(), lr=0.05)
+    ob = torch.optim.SGD(b.parameters(), lr=0.05)
+    for it in range(4):
+        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(it), dtype=torch.float64)
+        x.requires_grad_()
+        outs = []
+        for model, optim in ((a, oa), (b, ob)):
+            out = model(x)
+            sum(o.square().mean() for o in out).backward()
+            outs.append(out)
+            optim.step()
+            optim.zero_grad()
+        for u, v in zip(*outs):
+            torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-9, msg=name)
+    wa = [m.window_length for m in a.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert wa == [m.window_length for m in b.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert all(w == 2 for w in wa)
