@@ -104,3 +104,14 @@ def test_two_process_gloo_training_keeps_per_rank_windows(toy_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert 'restored the windows of' in proc.stdout + proc.stderr
     assert torch.load(osp.join(work, 'rank0.pt'), weights_only=False)['iter'] == 4
+
+
+def test_toy_mask_rcnn_trains_and_reports_segm(toy_data, tmp_path):
+    config = osp.join(ROOT, 'configs/toy/mask-rcnn_r18-cbn-heads_fpn_toy.py')
+    work = str(tmp_path / 'mask')
+    opts = options(toy_data, 4, extra=['model.test_cfg.rcnn.score_thr=0.0'])
+    runner = train_tool.main([config, '--work-dir', work, '--cfg-options', *opts])
+    layers = [m for m in runner.model.modules() if type(m).__name__ == 'CrossIterationBatchNorm2d']
+    assert len(layers) == 8 + 4 + 4 and all(layer.window_length == 3 for layer in layers)
+    metrics = test_tool.main([config, osp.join(work, 'iter_4.pth'), '--work-dir', work, '--cfg-options', *opts])
+    assert 'coco/segm_mAP' in metrics and 'coco/bbox_mAP' in metrics
