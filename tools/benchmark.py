@@ -1,0 +1,399 @@
+"""Benchmarks of CBN: layer cost against its floor, model step time, cost against the window size, memory.
+
+    python tools/benchmark.py [--cases layer,window,model] [--reps 7] [--device cpu|cuda] [--out FILE]
+
+Every case runs in this one process, with warm-up, the variants interleaved in each repetition (this machine is
+shared and noisy), and the median of the repetitions. Ratios of two variants are taken per repetition and their
+median and inter-quartile range are reported. Writes a JSON (default ``work_dirs/benchmark/benchmark.json``) and
+prints a table.
+
+The floor of exact CBN is one extra convolution weight-gradient per layer and iteration (``dnu/dW`` of Eq. 8 with
+grad_output ``2x/m``); everything else is O(C*C_in*K) or elementwise.
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn as nn
+from torch.nn.grad import conv2d_weight
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- the authors' algorithm (baseline)
+class AuthorsCBN(nn.Module):
+    """A re-implementation of the authors' published ``CBatchNorm2d`` as the speed baseline.
+
+    Like the release it takes ``forward(x, conv_weight)``, gets ``dmu/dW`` and ``dmeanx2/dW`` from two
+    ``autograd.grad`` passes, keeps Python lists of past statistics, gradients and weight copies (three kernel-sized
+    tensors per stored iteration), and normalizes with autograd over hand-written ops.
+    """
+
+    def __init__(self, num_features, window_size=4, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.k, self.eps = window_size, eps
+        self.pre_mu, self.pre_meanx2, self.pre_dmudw, self.pre_dmeanx2dw, self.pre_weight = [], [], [], [], []
+
+    def forward(self, x, conv_weight):
+        n, c, h, w = x.shape
+        y = x.transpose(0, 1).contiguous().view(c, -1)
+        cur_mu = y.mean(dim=1)
+        cur_meanx2 = y.pow(2).mean(dim=1)
+        ones = torch.ones_like(cur_mu)
+        dmudw = torch.autograd.grad(cur_mu, conv_weight, ones, retain_graph=True)[0]
+        dmeanx2dw = torch.autograd.grad(cur_meanx2, conv_weight, ones, retain_graph=True)[0]
+        wd = conv_weight.data
+        mu_all = torch.stack([cur_mu] + [m + (d * (wd - pw)).sum((1, 2, 3))
+                                         for m, d, pw in zip(self.pre_mu, self.pre_dmudw, self.pre_weight)])
+        meanx2_all = torch.stack([cur_meanx2] + [
+            m + (d * (wd - pw)).sum((1, 2, 3)) for m, d, pw in zip(self.pre_meanx2, self.pre_dmeanx2dw, self.pre_weight)
+        ])
+        sigma2_all = meanx2_all - mu_all.pow(2)
+        valid = (sigma2_all >= 0).to(mu_all.dtype)
+        count = valid.sum(dim=0)
+        mu = (mu_all * valid).sum(dim=0) / count
+        sigma2 = (meanx2_all * valid).sum(dim=0) / count - mu.pow(2)
+        keep = self.k - 2
+        self.pre_mu = [cur_mu.detach()] + self.pre_mu[:keep]
+        self.pre_meanx2 = [cur_meanx2.detach()] + self.pre_meanx2[:keep]
+        self.pre_dmudw = [dmudw.detach()] + self.pre_dmudw[:keep]
+        self.pre_dmeanx2dw = [dmeanx2dw.detach()] + self.pre_dmeanx2dw[:keep]
+        self.pre_weight = [wd.clone()] + self.pre_weight[:keep]
+        y = (y - mu.view(-1, 1)) / (sigma2.view(-1, 1) + self.eps).sqrt()
+        y = self.weight.view(-1, 1) * y + self.bias.view(-1, 1)
+        return y.view(c, n, h, w).transpose(0, 1)
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def interleaved(cases: Dict[str, Callable[[], None]], reps: int, warmup: int, device) -> Dict[str, List[float]]:
+    """Run every case ``warmup`` times, then ``reps`` rounds of all cases (rotating the order); seconds per call."""
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    times = {name: [] for name in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            sync(device)
+            start = time.perf_counter()
+            cases[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summary(values: List[float]) -> Dict[str, float]:
+    qs = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+    return dict(median=statistics.median(values), q1=qs[0], q3=qs[2], n=len(values))
+
+
+def paired(times, a, b, c=None, scale=None):
+    """Per-repetition (a - b) / scale_r, or a / b when scale is None and c is None."""
+    if scale is not None:
+        vals = [(x - y) / s for x, y, s in zip(times[a], times[b], times[scale])]
+    else:
+        vals = [x / y for x, y in zip(times[a], times[b])]
+    return summary(vals)
+
+
+# ----------------------------------------------------------------------------- layer case
+def conv_norm_step(conv, norm, u, grad):
+
+    def step():
+        x = conv(u)
+        y = norm(x, conv.weight) if isinstance(norm, AuthorsCBN) else norm(x)
+        y.backward(grad)
+        conv.weight.grad = None
+        u.grad = None
+        for p in norm.parameters():
+            p.grad = None
+
+    return step
+
+
+def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=True):
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    u = torch.randn(shape, device=device, requires_grad=True)
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+    grad = torch.randn(shape, device=device)
+    cases = {}
+    if others:
+        cases['BN'] = conv_norm_step(conv, nn.BatchNorm2d(c).to(device), u, grad)
+        cases['GN'] = conv_norm_step(conv, nn.GroupNorm(32, c).to(device), u, grad)
+    for k in windows:
+        cases[f'CBN k={k}'] = conv_norm_step(conv, CrossIterationBatchNorm2d(c, window_size=k).to(device), u, grad)
+    if naive:
+        cases['Naive CBN k=4'] = conv_norm_step(conv, CrossIterationBatchNorm2d(c, window_size=4,
+                                                                               compensate=False).to(device), u, grad)
+    if authors:
+        cases['authors k=4'] = conv_norm_step(conv, AuthorsCBN(c, 4).to(device), u, grad)
+    xs = conv(u).detach()
+
+    def floor():
+        conv2d_weight(u.detach(), conv.weight.shape, xs, 1, 1)
+
+    cases['floor: 1 weight-grad'] = floor
+    return cases
+
+
+def history_bytes(shape, k=4, device='cpu'):
+    """Bytes of the window of one CBN layer (full, k) against the authors' 3(k-1) kernels + 2(k-1) vectors."""
+    n, c, h, w = shape
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+    layer = CrossIterationBatchNorm2d(c, window_size=k).to(device)
+    u = torch.randn(shape, device=device)
+    for _ in range(k):
+        layer(conv(u)).sum().backward()
+    ours = sum(t.numel() * t.element_size() for t in layer._window.tensors.values() if t is not None)
+    kernel = conv.weight.numel() * 4
+    authors = 3 * (k - 1) * kernel + 2 * (k - 1) * c * 4
+    return dict(ours=ours, authors=authors, kernel=kernel, k=k)
+
+
+def run_layer(args, device):
+    out = {}
+    for shape in ((2, 256, 64, 64), (512, 256, 7, 7)):
+        times = interleaved(layer_cases(shape, device), args.reps, args.warmup, device)
+        key = 'x'.join(map(str, shape))
+        out[key] = dict(
+            times={k: summary(v) for k, v in times.items()},
+            cbn_minus_bn_over_floor=paired(times, 'CBN k=4', 'BN', scale='floor: 1 weight-grad'),
+            naive_minus_bn_over_floor=paired(times, 'Naive CBN k=4', 'BN', scale='floor: 1 weight-grad'),
+            cbn_over_bn=paired(times, 'CBN k=4', 'BN'),
+            authors_over_bn=paired(times, 'authors k=4', 'BN'),
+            history=history_bytes(shape, device=device))
+        print_layer(key, out[key])
+    return out
+
+
+def run_window(args, device):
+    out = {}
+    for shape in ((2, 256, 64, 64), (512, 256, 7, 7)):
+        cases = layer_cases(shape, device, windows=(1, 2, 4, 8), naive=False, authors=False, others=False)
+        times = interleaved(cases, args.reps, args.warmup, device)
+        key = 'x'.join(map(str, shape))
+        out[key] = dict(times={k: summary(v) for k, v in times.items()},
+                        k8_over_k2=paired(times, 'CBN k=8', 'CBN k=2'))
+        print(f'\n[window] {key}: ' + ', '.join(f"{k} {1e3 * v['median']:.0f} ms"
+                                                for k, v in out[key]['times'].items()) +
+              f"; t(k=8)/t(k=2) = {out[key]['k8_over_k2']['median']:.3f} "
+              f"[{out[key]['k8_over_k2']['q1']:.3f}, {out[key]['k8_over_k2']['q3']:.3f}]")
+    return out
+
+
+def print_layer(key, r):
+    print(f'\n[layer] conv3x3 256->256 + norm, forward+backward, input {key}')
+    for name, s in r['times'].items():
+        print(f"  {name:<22}{1e3 * s['median']:9.1f} ms  [{1e3 * s['q1']:.1f}, {1e3 * s['q3']:.1f}]")
+    for label, field in (('(CBN - BN) / floor', 'cbn_minus_bn_over_floor'),
+                         ('(Naive - BN) / floor', 'naive_minus_bn_over_floor'), ('CBN / BN', 'cbn_over_bn'),
+                         ('authors / BN', 'authors_over_bn')):
+        s = r[field]
+        print(f"  {label:<22}{s['median']:9.3f}     [{s['q1']:.3f}, {s['q3']:.3f}]")
+    h = r['history']
+    print(f"  history per layer (k={h['k']}): {h['ours'] / 2**20:.2f} MiB vs authors' {h['authors'] / 2**20:.2f} MiB "
+          f"(one kernel = {h['kernel'] / 2**20:.2f} MiB)")
+
+
+# ----------------------------------------------------------------------------- model case
+MODEL_VARIANTS = ('BN heads', 'GN heads', 'CBN heads', 'CBN all')
+
+
+def build_detector(variant, device):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    from mmengine.hub import get_config
+    from mmengine.registry import DefaultScope
+
+    import cbn_mmdet  # noqa: F401
+    register_all_modules()
+    norm = {'BN': dict(type='BN', requires_grad=True), 'GN': dict(type='GN', num_groups=32, requires_grad=True),
+            'CBN': dict(type='CBN', window_size=4, requires_grad=True)}[variant.split()[0]]
+    cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
+    cfg.backbone.init_cfg = None
+    cfg.neck.norm_cfg = norm
+    cfg.roi_head.bbox_head.update(type='Shared4Conv1FCBBoxHead', conv_out_channels=256, norm_cfg=norm)
+    if variant.endswith('all'):
+        cfg.backbone.update(norm_cfg=norm, norm_eval=False, frozen_stages=1)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg)
+    torch.manual_seed(0)
+    model.init_weights()
+    return model.to(device)
+
+
+def detection_batch(device, size=512):
+    from mmdet.testing import demo_mm_inputs
+    torch.manual_seed(0)
+    return demo_mm_inputs(2, [[3, size, size], [3, size, size]], num_items=[5, 5], num_classes=80, device=device)
+
+
+def train_step_fn(model, packed):
+    optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+
+    def step():
+        model.train()
+        data = model.data_preprocessor(packed, True)
+        loss, _ = model.parse_losses(model(**data, mode='loss'))
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    return step
+
+
+def infer_fn(model, packed):
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            data = model.data_preprocessor(packed, False)
+            return model(**data, mode='tensor')
+
+    return infer
+
+
+def extra_weight_grads(model, packed, device):
+    """The floor's extra cost: one conv weight-gradient per CBN layer, at the shapes of one real iteration."""
+    from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
+    captured = []
+
+    def hook(module, inputs, output):
+        spec, _ = CBN._find_conv(inputs[0])
+        if spec is not None:
+            captured.append((spec.input.detach().clone(), tuple(spec.weight.shape), inputs[0].detach().clone(),
+                             spec.stride, spec.padding, spec.dilation, spec.groups))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, CBN)]
+    train_step_fn(model, packed)()
+    for h in handles:
+        h.remove()
+
+    def run():
+        for u, shape, x, stride, padding, dilation, groups in captured:
+            conv2d_weight(u, shape, x, stride, padding, dilation, groups)
+
+    return run, len(captured)
+
+
+def run_model(args, device):
+    packed = detection_batch(device)
+    models = {v: build_detector(v, device) for v in MODEL_VARIANTS}
+    cases = {f'train {v}': train_step_fn(m, packed) for v, m in models.items()}
+    floors = {}
+    for v in ('CBN heads', 'CBN all'):
+        floors[v], count = extra_weight_grads(models[v], packed, device)
+        cases[f'extra weight-grads {v}'] = floors[v]
+        print(f'[model] {v}: {count} CBN layers with a conv')
+    for v in ('BN heads', 'CBN heads'):
+        cases[f'infer {v}'] = infer_fn(models[v], packed)
+    # window full before timing: k-1 warm-up training steps run inside interleaved()
+    times = interleaved(cases, args.model_reps, max(args.warmup, 3), device)
+    out = dict(times={k: summary(v) for k, v in times.items()})
+    for v in ('CBN heads', 'CBN all'):
+        out[f'({v} - BN heads) / extra weight-grads'] = paired(times, f'train {v}', 'train BN heads',
+                                                              scale=f'extra weight-grads {v}')
+        out[f'{v} / BN heads (train)'] = paired(times, f'train {v}', 'train BN heads')
+    out['GN heads / BN heads (train)'] = paired(times, 'train GN heads', 'train BN heads')
+    out['CBN heads / BN heads (inference)'] = paired(times, 'infer CBN heads', 'infer BN heads')
+    # identical outputs in eval mode: load BN's weights into the CBN model (same keys)
+    models['CBN heads'].load_state_dict(models['BN heads'].state_dict(), strict=True)
+    a, b = infer_fn(models['BN heads'], packed)(), infer_fn(models['CBN heads'], packed)()
+    out['eval outputs identical'] = bool(all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b))))
+    print('\n[model] Faster R-CNN R50-FPN 4conv1fc, 2 images 512x512, forward+backward+SGD')
+    for name, s in out['times'].items():
+        print(f"  {name:<34}{s['median']:8.2f} s  [{s['q1']:.2f}, {s['q3']:.2f}]")
+    for name, s in out.items():
+        if isinstance(s, dict) and 'median' in s:
+            print(f"  {name:<44}{s['median']:7.3f}  [{s['q1']:.3f}, {s['q3']:.3f}]")
+    print(f"  eval outputs identical (CBN vs BN, same weights): {out['eval outputs identical']}")
+    return out
+
+
+def _leaves(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _leaves(o)]
+    return []
+
+
+def peak_memory_child(variant, device):
+    """Peak memory of two training steps of one variant (run in a child process)."""
+    model = build_detector(variant, torch.device(device))
+    step = train_step_fn(model, detection_batch(torch.device(device)))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(5):
+        step()
+    if device == 'cuda':
+        return dict(peak_bytes=torch.cuda.max_memory_allocated())
+    return dict(peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                rss_growth_bytes=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def run_memory(args):
+    out = {}
+    for variant in MODEL_VARIANTS:
+        code = (f'import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {osp.join(ROOT, "tools")!r});'
+                f'import benchmark; print("RESULT", json.dumps(benchmark.peak_memory_child({variant!r}, '
+                f'{args.device!r})))')
+        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')]
+        out[variant] = json.loads(line[-1][7:]) if line else dict(error=proc.stderr[-500:])
+        print(f'[memory] {variant}: {out[variant]}')
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--cases', default='layer,window,model,memory')
+    parser.add_argument('--reps', type=int, default=9, help='repetitions of the layer cases (median)')
+    parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/benchmark/benchmark.json'))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+                  machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
+    if device.type == 'cuda':
+        result['gpu'] = torch.cuda.get_device_name(device)
+    cases = args.cases.split(',')
+    if 'layer' in cases:
+        result['layer'] = run_layer(args, device)
+    if 'window' in cases:
+        result['window'] = run_window(args, device)
+    if 'model' in cases:
+        result['model'] = run_model(args, device)
+    if 'memory' in cases:
+        result['memory'] = run_memory(args)
+    os.makedirs(osp.dirname(args.out), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
+    print(f'\nwritten {args.out}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
