@@ -12,7 +12,7 @@ catastrophically in fp32 when ``|mu| >> std``. Every formula below is Eq. 7-11 r
 
 * ``dmu_j/dW_j``  = the mean input patch ``P`` (identical for all ``j`` of a group)           (Eq. 15)
 * ``dnu_j/dW_j``  = (2/m) sum_i x_ij patch_i = ``ds_j/dW_j + 2 mu_j P``                         (App. B)
-* ``ds_j/dW_j``   = (2/m) sum_i (x_ij - mu_j) patch_i          (one conv weight-gradient)
+* ``ds_j/dW_j``   = (2/m) sum_i (x_ij - mu_j) patch_i = ``dnu_j/dW_j - 2 mu_j P``   (one weight-gradient)
 * ``dmu_j/db_j = 1``, ``ds_j/db_j = 0``  (``dnu_j/db_j = 2 mu_j``)
 * compensation (Eq. 7-8): with ``dmu = <P, W_t - W_tau> + (b_t - b_tau)``,
   ``mu_tau(t) = mu_tau + dmu`` and ``s_tau(t) = s_tau + <ds/dW, W_t - W_tau> - dmu^2``,
@@ -73,7 +73,8 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor) -> StatGrads:
 
     ``dmu_j/dW_j`` is the mean input patch: a weight-gradient of the batch-summed input against a ones map, with
     one output channel per group, so it costs ``O(C_in * K * H * W)``. ``ds_j/dW_j`` is one full convolution
-    weight-gradient with grad_output ``x - mu``; the ``2/m`` factor is applied to the small result, not to x.
+    weight-gradient with grad_output ``x``, centred afterwards on the kernel-sized result (``- 2 mu dmu/dW``); the
+    ``2/m`` factor is applied to the small result, not to x.
 
     Args:
         conv (ConvSpec): the producing convolution.
@@ -94,10 +95,12 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor) -> StatGrads:
     g_mu = conv2d_weight(u.sum(0, keepdim=True), (groups, ) + tuple(weight_shape[1:]), ones, conv.stride,
                          conv.padding, conv.dilation, groups)  # -> (g, C_in/g, kh, kw)
     g_mu.div_(m)
-    # d s / dW = (2/m) sum_i (x_i - mu) patch_i                                          (App. B)
-    xc = x.to(dtype) - mu.view(1, c, 1, 1)  # (N, C, H, W)
-    g_s = conv2d_weight(u, weight_shape, xc, conv.stride, conv.padding, conv.dilation, groups)  # (C, C_in/g, kh, kw)
+    # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
+    # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
+    # touches only this first-order term: s itself comes from batch_moments, centred.
+    g_s = conv2d_weight(u, weight_shape, x.to(dtype), conv.stride, conv.padding, conv.dilation, groups)
     g_s.mul_(2.0 / m)
+    g_s.sub_(g_mu.repeat_interleave(c // groups, dim=0).mul_(2 * mu.view(c, 1, 1, 1)))
     return StatGrads(g_mu, g_s)
 
 
