@@ -15,7 +15,6 @@ import json
 import os
 import os.path as osp
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,8 +102,15 @@ def interleaved(cases: Dict[str, Callable[[], None]], reps: int, warmup: int, de
 
 
 def summary(values: List[float]) -> Dict[str, float]:
+    """Median, quartiles, and a bootstrap 95% confidence interval of the median (the spread that matters when
+    a median is compared with a bar)."""
     qs = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
-    return dict(median=statistics.median(values), q1=qs[0], q3=qs[2], n=len(values))
+    gen = torch.Generator().manual_seed(0)
+    v = torch.tensor(values, dtype=torch.float64)
+    boot = v[torch.randint(len(values), (2000, len(values)), generator=gen)].median(dim=1).values
+    return dict(median=statistics.median(values), q1=qs[0], q3=qs[2], ci95=[boot.quantile(0.025).item(),
+                                                                           boot.quantile(0.975).item()],
+                n=len(values))
 
 
 def paired(times, a, b, c=None, scale=None):
@@ -198,7 +204,7 @@ def run_window(args, device):
         print(f'\n[window] {key}: ' + ', '.join(f"{k} {1e3 * v['median']:.0f} ms"
                                                 for k, v in out[key]['times'].items()) +
               f"; t(k=8)/t(k=2) = {out[key]['k8_over_k2']['median']:.3f} "
-              f"[{out[key]['k8_over_k2']['q1']:.3f}, {out[key]['k8_over_k2']['q3']:.3f}]")
+              f"95% CI [{out[key]['k8_over_k2']['ci95'][0]:.3f}, {out[key]['k8_over_k2']['ci95'][1]:.3f}]")
     return out
 
 
@@ -210,14 +216,15 @@ def print_layer(key, r):
                          ('(Naive - BN) / floor', 'naive_minus_bn_over_floor'), ('CBN / BN', 'cbn_over_bn'),
                          ('authors / BN', 'authors_over_bn')):
         s = r[field]
-        print(f"  {label:<22}{s['median']:9.3f}     [{s['q1']:.3f}, {s['q3']:.3f}]")
+        print(f"  {label:<22}{s['median']:9.3f}     IQR [{s['q1']:.3f}, {s['q3']:.3f}]  "
+              f"95% CI of median [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
     h = r['history']
     print(f"  history per layer (k={h['k']}): {h['ours'] / 2**20:.2f} MiB vs authors' {h['authors'] / 2**20:.2f} MiB "
           f"(one kernel = {h['kernel'] / 2**20:.2f} MiB)")
 
 
 # ----------------------------------------------------------------------------- model case
-MODEL_VARIANTS = ('BN heads', 'GN heads', 'CBN heads', 'CBN all')
+MODEL_VARIANTS = ('BN heads', 'GN heads', 'CBN heads', 'BN all', 'CBN all')
 
 
 def build_detector(variant, device):
@@ -312,9 +319,10 @@ def run_model(args, device):
     times = interleaved(cases, args.model_reps, max(args.warmup, 3), device)
     out = dict(times={k: summary(v) for k, v in times.items()})
     for v in ('CBN heads', 'CBN all'):
-        out[f'({v} - BN heads) / extra weight-grads'] = paired(times, f'train {v}', 'train BN heads',
-                                                              scale=f'extra weight-grads {v}')
-        out[f'{v} / BN heads (train)'] = paired(times, f'train {v}', 'train BN heads')
+        bn = v.replace('CBN', 'BN')  # the same layers normalized by BN
+        out[f'({v} - {bn}) / extra weight-grads'] = paired(times, f'train {v}', f'train {bn}',
+                                                           scale=f'extra weight-grads {v}')
+        out[f'{v} / {bn} (train)'] = paired(times, f'train {v}', f'train {bn}')
     out['GN heads / BN heads (train)'] = paired(times, 'train GN heads', 'train BN heads')
     out['CBN heads / BN heads (inference)'] = paired(times, 'infer CBN heads', 'infer BN heads')
     # identical outputs in eval mode: load BN's weights into the CBN model (same keys)
@@ -326,7 +334,7 @@ def run_model(args, device):
         print(f"  {name:<34}{s['median']:8.2f} s  [{s['q1']:.2f}, {s['q3']:.2f}]")
     for name, s in out.items():
         if isinstance(s, dict) and 'median' in s:
-            print(f"  {name:<44}{s['median']:7.3f}  [{s['q1']:.3f}, {s['q3']:.3f}]")
+            print(f"  {name:<44}{s['median']:7.3f}  95% CI [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
     print(f"  eval outputs identical (CBN vs BN, same weights): {out['eval outputs identical']}")
     return out
 
@@ -339,17 +347,22 @@ def _leaves(obj):
     return []
 
 
+def _vm_hwm_bytes() -> int:
+    """This process's resident-set high-water mark (VmHWM: per address space, so it restarts at exec)."""
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
+
+
 def peak_memory_child(variant, device):
-    """Peak memory of two training steps of one variant (run in a child process)."""
+    """Peak memory of five training steps of one variant (run in a fresh child process)."""
     model = build_detector(variant, torch.device(device))
     step = train_step_fn(model, detection_batch(torch.device(device)))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    built = _vm_hwm_bytes()
     for _ in range(5):
         step()
     if device == 'cuda':
         return dict(peak_bytes=torch.cuda.max_memory_allocated())
-    return dict(peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                rss_growth_bytes=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    return dict(peak_rss_bytes=_vm_hwm_bytes(), peak_rss_after_build_bytes=built)
 
 
 def run_memory(args):
@@ -368,22 +381,28 @@ def run_memory(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--cases', default='layer,window,model,memory')
-    parser.add_argument('--reps', type=int, default=9, help='repetitions of the layer cases (median)')
+    parser.add_argument('--reps', type=int, default=15, help='repetitions of the layer cases (median)')
     parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--layer-threads', type=int, default=1,
+                        help='torch CPU threads for the layer and window cases (1: steadier timings)')
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/benchmark/benchmark.json'))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    result = dict(device=str(device), torch=torch.__version__, threads=torch.get_num_threads(),
+    default_threads = torch.get_num_threads()
+    result = dict(device=str(device), torch=torch.__version__, model_threads=default_threads,
                   machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
     if device.type == 'cuda':
         result['gpu'] = torch.cuda.get_device_name(device)
     cases = args.cases.split(',')
+    torch.set_num_threads(args.layer_threads)
+    result['layer_threads'] = args.layer_threads
     if 'layer' in cases:
         result['layer'] = run_layer(args, device)
     if 'window' in cases:
         result['window'] = run_window(args, device)
+    torch.set_num_threads(default_threads)
     if 'model' in cases:
         result['model'] = run_model(args, device)
     if 'memory' in cases:

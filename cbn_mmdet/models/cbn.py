@@ -65,18 +65,21 @@ class _Window:
         self.next = 0
         self.tensors: Dict[str, Optional[Tensor]] = dict.fromkeys(_WINDOW_KEYS)
 
-    def matches(self, g_mu: Tensor, g_s: Tensor) -> bool:
+    def accepts(self, entry: Dict[str, Tensor], capacity: int) -> bool:
+        """Whether an entry fits this window (same capacity, keys, shapes and dtype); otherwise start afresh."""
         t = self.tensors
-        return t['g_s'] is not None and t['g_s'].shape[1:] == g_s.shape and t['g_mu'].shape[1:] == g_mu.shape
+        if self.capacity != capacity or t['mu'] is None:
+            return self.capacity == capacity
+        return all(t[k] is not None and t[k].shape[1:] == v.shape and t[k].dtype == v.dtype
+                   for k, v in entry.items()) and all(t[k] is None for k in t if k not in entry)
 
     def push(self, entry: Dict[str, Optional[Tensor]]) -> None:
         t = self.tensors
         if t['mu'] is None:
             for key, value in entry.items():
-                t[key] = None if value is None else value.new_zeros((self.capacity, ) + tuple(value.shape))
+                t[key] = value.new_zeros((self.capacity, ) + tuple(value.shape))
         for key, value in entry.items():
-            if t[key] is not None:
-                t[key][self.next].copy_(value if value is not None else 0)
+            t[key][self.next].copy_(value)
         self.next = (self.next + 1) % self.capacity
         self.count = min(self.count + 1, self.capacity)
 
@@ -432,6 +435,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                  f'{list(x.shape)} (an empty CBN window behaves as BN)')
             return mu_t, s_t, 1, m
         h = window.view()
+        if self.compensate and h['g_s'] is None:  # collected as Naive CBN: nothing to compensate with
+            self._window = None
+            return self._window_stats(x, mu_t, s_t, conv, None)
         if self.compensate:
             params = (conv.weight, conv.bias) if conv is not None else self._conv_params
             if params is None:  # a forward without graph, before any forward with one: nothing to compensate to
@@ -459,23 +465,24 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
     def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor) -> bool:
-        """Compute this iteration's statistic gradients (Appendix B) and store it in the window."""
+        """Store this iteration in the window, with its statistics' kernel gradients (Appendix B) if compensating."""
         capacity = self._active_k() - 1
+        m = mu_t.new_tensor(float(x.numel() // x.shape[1]))
         with torch.no_grad():
-            grads = conv_stat_grads(conv, x.detach(), mu_t)
-            kernel = conv.weight.detach()
-            p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, kernel)
-            if not bool(torch.isfinite(grads.g_s).all() & torch.isfinite(p_s).all()
-                        & torch.isfinite(p_mu).all()):
-                return False
+            if not self.compensate:  # Naive CBN needs no gradient
+                entry = dict(mu=mu_t, s=s_t, m=m)
+            else:
+                grads = conv_stat_grads(conv, x.detach(), mu_t)
+                p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, conv.weight.detach())
+                if not bool(torch.isfinite(grads.g_s).all() & torch.isfinite(p_s).all()
+                            & torch.isfinite(p_mu).all()):
+                    return False
+                bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else torch.zeros_like(mu_t)
+                entry = dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s, bias=bias, m=m)
             window = self._window
-            if window is None or window.capacity != capacity or not window.matches(grads.g_mu, grads.g_s) or \
-                    window.tensors['mu'].dtype != mu_t.dtype:
+            if window is None or not window.accepts(entry, capacity):
                 window = self._window = _Window(capacity)
-            bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else None
-            window.push(dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s,
-                             bias=bias if bias is not None else torch.zeros_like(mu_t),
-                             m=mu_t.new_tensor(float(x.numel() // x.shape[1]))))
+            window.push(entry)
         self._conv_params = (conv.weight, conv.bias)
         return True
 

@@ -47,7 +47,8 @@ def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
         tuple[Tensor, Tensor]: ``mu`` (C,) and ``s = mean((x - mu)^2)`` (C,), in fp32 (fp64 for fp64 input).
     """
     x = x.to(stat_dtype(x.dtype))
-    s, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)  # (N, C, H, W) -> (C,), (C,)
+    # torch's BN statistics kernel (stable, and faster than var_mean); None: no running statistics touched
+    mu, s = torch.batch_norm_update_stats(x, None, None, 0.0)  # (N, C, H, W) -> (C,), (C,)
     return mu, s
 
 

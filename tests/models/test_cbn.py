@@ -448,6 +448,14 @@ def test_window_state_round_trip():
         fresh.set_window_state({'count': 1})
 
 
+def test_naive_window_keeps_no_gradients_and_switching_mode_is_safe():
+    conv, layer = trained_layer(k=3, compensate=False)
+    assert layer.window_length == 2 and layer._window.tensors['g_s'] is None
+    layer.compensate = True
+    y = layer(conv(torch.randn(2, 3, 6, 6)))  # restarts its window instead of compensating without gradients
+    assert torch.isfinite(y).all() and layer.window_length == 1
+
+
 def test_extra_repr():
     assert 'window_size=4, compensate=taylor' in repr(CBN(4))
     assert 'compensate=naive' in repr(CBN(4, compensate=False))

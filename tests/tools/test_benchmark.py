@@ -1,0 +1,50 @@
+"""The benchmark's baseline is the authors' algorithm, not a strawman; its helpers are well-formed."""
+import os.path as osp
+import sys
+
+import torch
+import torch.nn as nn
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+
+import benchmark  # noqa: E402
+from cbn_mmdet import CrossIterationBatchNorm2d  # noqa: E402
+
+
+def test_authors_baseline_computes_the_same_cbn():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1).double()
+    conv_a = nn.Conv2d(3, 6, 3, padding=1).double()
+    conv_a.load_state_dict(conv.state_dict())
+    ours, authors = CrossIterationBatchNorm2d(6, window_size=4).double(), benchmark.AuthorsCBN(6, 4).double()
+    for it in range(6):
+        inp = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+        a, b = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+        y, ya = ours(conv(a)), authors(conv_a(b), conv_a.weight)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (ya * g).sum().backward()
+        torch.testing.assert_close(y, ya, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
+        with torch.no_grad():
+            for p, q in zip(conv.parameters(), conv_a.parameters()):
+                p.sub_(0.01 * p.grad)
+                q.sub_(0.01 * q.grad)
+                p.grad = q.grad = None
+    assert len(authors.pre_weight) == 3 and ours.window_length == 3
+
+
+def test_interleaved_and_summary():
+    calls = []
+    times = benchmark.interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, reps=4,
+                                  warmup=1, device=torch.device('cpu'))
+    assert len(calls) == 10 and all(len(v) == 4 for v in times.values())
+    s = benchmark.summary([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s['median'] == 3.0 and s['ci95'][0] <= 3.0 <= s['ci95'][1] and s['n'] == 5
+
+
+def test_history_is_smaller_than_the_authors():
+    h = benchmark.history_bytes((2, 16, 8, 8), k=4)
+    assert h['kernel'] * 3 <= h['ours'] < h['kernel'] * 3 * 1.2  # (k-1) kernels + small terms
+    assert h['authors'] == 3 * 3 * h['kernel'] + 2 * 3 * 16 * 4
