@@ -24,6 +24,11 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='If specify checkpoint path, resume from it, while if not specify, try to auto resume from the latest '
         'checkpoint in the work directory.')
+    return parse_runner_args(parser, argv)
+
+
+def parse_runner_args(parser, argv=None):
+    """Add the options train.py and test.py share (--cfg-options, --launcher, --local-rank) and parse."""
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override some settings in the used config, the key-value pair in xxx=yyy format will be merged into '

@@ -14,8 +14,8 @@ from cbn_mmdet import CrossIterationBatchNorm2d  # noqa: E402
 
 def test_authors_baseline_computes_the_same_cbn():
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 6, 3, padding=1).double()
-    conv_a = nn.Conv2d(3, 6, 3, padding=1).double()
+    conv = nn.Conv2d(3, 6, 3, padding=1, bias=False).double()  # the authors compensate the kernel only
+    conv_a = nn.Conv2d(3, 6, 3, padding=1, bias=False).double()
     conv_a.load_state_dict(conv.state_dict())
     ours, authors = CrossIterationBatchNorm2d(6, window_size=4).double(), benchmark.AuthorsCBN(6, 4).double()
     for it in range(6):
@@ -29,8 +29,8 @@ def test_authors_baseline_computes_the_same_cbn():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-9)
         with torch.no_grad():
             for p, q in zip(conv.parameters(), conv_a.parameters()):
-                p.sub_(0.01 * p.grad)
-                q.sub_(0.01 * q.grad)
+                p.sub_(1e-4 * p.grad)  # small steps: no iteration leaves the valid range, where the
+                q.sub_(1e-4 * q.grad)  # authors drop it and Eq. 10 clamps it
                 p.grad = q.grad = None
     assert len(authors.pre_weight) == 3 and ours.window_length == 3
 

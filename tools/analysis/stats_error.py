@@ -86,7 +86,7 @@ def population(model, big, train_stats):
     """Per layer: mean and variance of its input over ``big``, upstream normalization frozen to ``train_stats``."""
     out, h = [], big
     for conv, norm, (mu_bar, var_bar) in zip(model.convs, model.norms, train_stats):
-        x = conv(h)
+        x = F.conv2d(h, conv.weight, conv.bias, conv.stride, conv.padding)  # no hooks: training inputs stay
         var, mu = torch.var_mean(x, dim=(0, 2, 3), correction=0)
         out.append((mu, var))
         h = F.relu(F.batch_norm(x, mu_bar, var_bar, norm.weight, norm.bias, False, 0.0, norm.eps))
@@ -152,10 +152,10 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big):
             thetas = [c.weight.detach().clone() for c in model.convs]
         if measure:
             train_stats = [(n._replay.mu_bar, n._replay.var_bar) for n in model.norms]
+            batch_stats = [torch.var_mean(inputs[layer][1], dim=(0, 2, 3), correction=0) for layer in range(3)]
             pops = population(model, big, train_stats)
             for layer, norm in enumerate(model.norms):
-                x = inputs[layer][1]
-                var_t, mu_t = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+                var_t, mu_t = batch_stats[layer]
                 est = {'CBN': train_stats[layer], 'BN': (mu_t, var_t)}
                 h = pre[norm]
                 est['Naive'] = window_moments(torch.cat([mu_t[None], h['mu']]), torch.cat([var_t[None], h['s']])) \
@@ -259,19 +259,18 @@ def plot(result, curves, args):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, layer in zip(axes, range(3)):
-        for lr in args.lrs:
-            for name, style in (('CBN', '-o'), ('Naive', '--s')):
-                ys = [next(r for r in result['runs'] if r['k'] == k and r['lr'] == lr)['error'][
-                    f'layer{layer + 1}/{name}'][1] for k in args.ks]
-                ax.plot(args.ks, ys, style, label=f'{name} lr={lr}')
-            bn = [next(r for r in result['runs'] if r['k'] == k and r['lr'] == lr)['error'][f'layer{layer + 1}/BN'][1]
-                  for k in args.ks]
-            ax.plot(args.ks, bn, ':', color='gray', label=f'BN lr={lr}' if layer == 0 else None)
-        ax.set(title=f'layer {layer + 1}: error of sigma', xlabel='window k', ylabel='|sd - sd_pop| / |sd_pop|')
-        ax.set_xscale('log', base=2)
-    axes[0].legend(fontsize=7)
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    for row, (col, what) in enumerate(((0, 'mean'), (1, 'sigma'))):
+        for layer, ax in enumerate(grid[row]):
+            for lr in args.lrs:
+                runs = {r['k']: r for r in result['runs'] if r['lr'] == lr}
+                for name, style in (('CBN', '-o'), ('Naive', '--s'), ('BN', ':')):
+                    ys = [runs[k]['error'][f'layer{layer + 1}/{name}'][col] for k in args.ks]
+                    ax.plot(args.ks, ys, style, label=f'{name} lr={lr}')
+            ax.set(title=f'layer {layer + 1}: error of the {what}', xlabel='window k',
+                   ylabel=f'|{what}_est - {what}_pop| / |sd_pop|')
+            ax.set_xscale('log', base=2)
+    grid[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(osp.join(args.out, 'error_vs_k.png'), dpi=110)
 
