@@ -79,6 +79,7 @@ class CBNBurnInHook(Hook):
         self.window_size = window_size
         self._burnin: Optional[int] = None
         self._opened_logged = False
+        self._layers = None  # (name, layer) pairs, found once in before_run
 
     # ------------------------------------------------------------------ set-up
     def before_run(self, runner) -> None:
@@ -87,7 +88,8 @@ class CBNBurnInHook(Hook):
             raise ValueError(f"CBNBurnInHook: the config sets sync_bn={cfg.get('sync_bn')!r} and uses CBN; "
                              "mmengine's sync_bn converts every _BatchNorm, CBN included, into SyncBatchNorm, which "
                              'would silently replace CBN. Remove sync_bn, or use SyncBN explicitly in norm_cfg.')
-        layers = dict(cbn_layers(runner.model))
+        self._layers = list(cbn_layers(runner.model))
+        layers = dict(self._layers)
         if not layers:
             runner.logger.warning('CBNBurnInHook: the model has no CBN layer; the hook does nothing.')
             return
@@ -129,7 +131,9 @@ class CBNBurnInHook(Hook):
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         it = runner.iter
         burnin = self._burnin or 0
-        for _, layer in cbn_layers(runner.model):
+        if self._layers is None:
+            self._layers = list(cbn_layers(runner.model))
+        for _, layer in self._layers:
             k = layer.window_size
             layer.begin_iteration(it, use_window=it >= burnin, collect=k > 1 and it >= burnin - (k - 1))
         if it >= burnin and not self._opened_logged:
