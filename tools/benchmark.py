@@ -3,7 +3,8 @@
     python tools/benchmark.py [--cases layer,window,model] [--reps 7] [--device cpu|cuda] [--out FILE]
 
 Every case runs in this one process, with warm-up, the variants interleaved in each repetition (this machine is
-shared and noisy), and the median of the repetitions. Ratios of two variants are taken per repetition and their
+shared and noisy), and the median of the repetitions. CPU cases are timed in process CPU time, CUDA cases in wall
+time. Ratios of two variants are taken per repetition and their
 median and inter-quartile range are reported. Writes a JSON (default ``work_dirs/benchmark/benchmark.json``) and
 prints a table.
 
@@ -84,7 +85,13 @@ def sync(device):
 
 
 def interleaved(cases: Dict[str, Callable[[], None]], reps: int, warmup: int, device) -> Dict[str, List[float]]:
-    """Run every case ``warmup`` times, then ``reps`` rounds of all cases (rotating the order); seconds per call."""
+    """Run every case ``warmup`` times, then ``reps`` rounds of all cases (rotating the order); seconds per call.
+
+    On CUDA the clock is wall time after a synchronize. On the CPU it is the process's CPU time
+    (``time.process_time``): on a shared machine it does not count the time this process waits for a core, which
+    wall time does, and it is the same quantity for one thread or several (their sum).
+    """
+    clock = time.perf_counter if device.type == 'cuda' else time.process_time
     names = list(cases)
     for _ in range(warmup):
         for name in names:
@@ -94,10 +101,10 @@ def interleaved(cases: Dict[str, Callable[[], None]], reps: int, warmup: int, de
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             sync(device)
-            start = time.perf_counter()
+            start = clock()
             cases[name]()
             sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
