@@ -120,8 +120,8 @@ def summary(values: List[float]) -> Dict[str, float]:
                 n=len(values))
 
 
-def paired(times, a, b, c=None, scale=None):
-    """Per-repetition (a - b) / scale_r, or a / b when scale is None and c is None."""
+def paired(times, a, b, scale=None):
+    """Per-repetition (a - b) / scale_r, or a / b when scale is None."""
     if scale is not None:
         vals = [(x - y) / s for x, y, s in zip(times[a], times[b], times[scale])]
     else:

@@ -200,13 +200,9 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big):
     return errors, trunc, bias
 
 
-def aggregate(runs):
-    """Mean over measured steps and seeds."""
-    out = {}
-    for key, values in runs.items():
-        arr = np.array(values, dtype=float)
-        out[key] = float(arr.mean()) if arr.ndim == 1 else arr[:, 1:].mean(0).tolist()
-    return out
+def mean_errors(values):
+    """[mean error of mu, mean error of sigma] over the measured (step, err_mu, err_sd) rows of all seeds."""
+    return np.array(values, dtype=float)[:, 1:].mean(0).tolist()
 
 
 def main(argv=None):
@@ -230,16 +226,13 @@ def main(argv=None):
             errs, truncs, biases = defaultdict(list), defaultdict(list), defaultdict(list)
             for seed in args.seeds:
                 e, t, b = run_one(k, lr, seed, args.steps, args.every, args.batch_size, images, labels, big)
-                for key, v in e.items():
-                    errs[key] += v
-                for key, v in t.items():
-                    truncs[key] += v
-                for key, v in b.items():
-                    biases[key] += v
+                for merged, new in ((errs, e), (truncs, t), (biases, b)):
+                    for key, v in new.items():
+                        merged[key] += v
                 if seed == args.seeds[0]:
                     curves[(k, lr)] = e
             run = dict(k=k, lr=lr,
-                       error={f'layer{l + 1}/{name}': aggregate({0: v})[0] for (l, name), v in errs.items()},
+                       error={f'layer{l + 1}/{name}': mean_errors(v) for (l, name), v in errs.items()},
                        truncation={f'layer{l + 1}/r=l-{r}/{kind}': float(np.mean(v)) for (l, r, kind), v in
                                    truncs.items()},
                        nu_bias={f'layer{l + 1}/tau={tau}': float(np.mean(v)) for (l, tau), v in biases.items()})
