@@ -168,6 +168,19 @@ def window_moments(mu: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
     return mu_bar, var_bar
 
 
+def relative_stat_errors(mu: Tensor, var: Tensor, mu_pop: Tensor, var_pop: Tensor) -> Tuple[float, float]:
+    """How far estimated statistics are from population ones, relative to the population's spread.
+
+    Returns:
+        tuple[float, float]: ``||mu - mu_pop|| / ||sd_pop||`` and ``||sd - sd_pop|| / ||sd_pop||`` (L2 norms over
+        the C channels, ``sd = sqrt(var)``), computed in fp64.
+    """
+    mu, var, mu_pop, var_pop = (t.detach().double() for t in (mu, var, mu_pop, var_pop))
+    sd, sd_pop = var.clamp(min=0).sqrt(), var_pop.clamp(min=0).sqrt()
+    scale = sd_pop.norm().clamp(min=torch.finfo(torch.float64).tiny)
+    return ((mu - mu_pop).norm() / scale).item(), ((sd - sd_pop).norm() / scale).item()
+
+
 class _CBNNormalize(torch.autograd.Function):
     """y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta, with gradients through the current moments only.
 

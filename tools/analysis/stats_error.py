@@ -47,7 +47,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d  # noqa: E402
-from cbn_mmdet.ops import window_moments  # noqa: E402
+from cbn_mmdet.ops import relative_stat_errors, window_moments  # noqa: E402
 
 ESTIMATORS = ('CBN', 'Naive', 'BN')
 
@@ -73,12 +73,6 @@ class DigitsNet(nn.Module):
         for conv, norm in zip(self.convs, self.norms):
             x = F.relu(norm(conv(x)))
         return self.fc(x.mean((2, 3)))
-
-
-def rel_errors(mu, var, mu_pop, var_pop):
-    sd, sd_pop = var.clamp(min=0).sqrt(), var_pop.sqrt()
-    scale = sd_pop.norm()
-    return ((mu - mu_pop).norm() / scale).item(), ((sd - sd_pop).norm() / scale).item()
 
 
 @torch.no_grad()
@@ -161,7 +155,7 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big):
                 est['Naive'] = window_moments(torch.cat([mu_t[None], h['mu']]), torch.cat([var_t[None], h['s']])) \
                     if h is not None else (mu_t, var_t)
                 for name in ESTIMATORS:
-                    errors[(layer, name)].append((step, *rel_errors(*est[name], *pops[layer])))
+                    errors[(layer, name)].append((step, *relative_stat_errors(*est[name], *pops[layer])))
         # truncation: Jacobians at this step for layers 1, 2 (all sources), kept for k-1 steps
         if k > 1:
             # Jacobians where a later measurement's window will need them
