@@ -313,36 +313,42 @@ def extra_weight_grads(model, packed, device):
 
 def run_model(args, device):
     packed = detection_batch(device)
-    models = {v: build_detector(v, device) for v in MODEL_VARIANTS}
+    variants = [v for v in MODEL_VARIANTS if v in args.model_variants]
+    models = {v: build_detector(v, device) for v in variants}
     cases = {f'train {v}': train_step_fn(m, packed) for v, m in models.items()}
     floors = {}
-    for v in ('CBN heads', 'CBN all'):
+    cbn_variants = [v for v in ('CBN heads', 'CBN all') if v in models and v.replace('CBN', 'BN') in models]
+    for v in cbn_variants:
         floors[v], count = extra_weight_grads(models[v], packed, device)
         cases[f'extra weight-grads {v}'] = floors[v]
         print(f'[model] {v}: {count} CBN layers with a conv')
-    for v in ('BN heads', 'CBN heads'):
+    infer = args.model_infer and {'BN heads', 'CBN heads'} <= set(models)
+    for v in ('BN heads', 'CBN heads') if infer else ():
         cases[f'infer {v}'] = infer_fn(models[v], packed)
     # window full before timing: k-1 warm-up training steps run inside interleaved()
     times = interleaved(cases, args.model_reps, max(args.warmup, 3), device)
     out = dict(times={k: summary(v) for k, v in times.items()})
-    for v in ('CBN heads', 'CBN all'):
+    for v in cbn_variants:
         bn = v.replace('CBN', 'BN')  # the same layers normalized by BN
         out[f'({v} - {bn}) / extra weight-grads'] = paired(times, f'train {v}', f'train {bn}',
                                                            scale=f'extra weight-grads {v}')
         out[f'{v} / {bn} (train)'] = paired(times, f'train {v}', f'train {bn}')
-    out['GN heads / BN heads (train)'] = paired(times, 'train GN heads', 'train BN heads')
-    out['CBN heads / BN heads (inference)'] = paired(times, 'infer CBN heads', 'infer BN heads')
-    # identical outputs in eval mode: load BN's weights into the CBN model (same keys)
-    models['CBN heads'].load_state_dict(models['BN heads'].state_dict(), strict=True)
-    a, b = infer_fn(models['BN heads'], packed)(), infer_fn(models['CBN heads'], packed)()
-    out['eval outputs identical'] = bool(all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b))))
+    if {'GN heads', 'BN heads'} <= set(models):
+        out['GN heads / BN heads (train)'] = paired(times, 'train GN heads', 'train BN heads')
+    if infer:
+        out['CBN heads / BN heads (inference)'] = paired(times, 'infer CBN heads', 'infer BN heads')
+        # identical outputs in eval mode: load BN's weights into the CBN model (same keys)
+        models['CBN heads'].load_state_dict(models['BN heads'].state_dict(), strict=True)
+        a, b = infer_fn(models['BN heads'], packed)(), infer_fn(models['CBN heads'], packed)()
+        out['eval outputs identical'] = bool(all(torch.equal(x, y) for x, y in zip(_leaves(a), _leaves(b))))
     print('\n[model] Faster R-CNN R50-FPN 4conv1fc, 2 images 512x512, forward+backward+SGD')
     for name, s in out['times'].items():
         print(f"  {name:<34}{s['median']:8.2f} s  [{s['q1']:.2f}, {s['q3']:.2f}]")
     for name, s in out.items():
         if isinstance(s, dict) and 'median' in s:
             print(f"  {name:<44}{s['median']:7.3f}  95% CI [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
-    print(f"  eval outputs identical (CBN vs BN, same weights): {out['eval outputs identical']}")
+    if infer:
+        print(f"  eval outputs identical (CBN vs BN, same weights): {out['eval outputs identical']}")
     return out
 
 
@@ -394,6 +400,12 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--layer-threads', type=int, default=1,
                         help='torch CPU threads for the layer and window cases (1: steadier timings)')
+    parser.add_argument('--model-threads', type=int, default=None,
+                        help='torch CPU threads for the model case (default: torch default)')
+    parser.add_argument('--model-variants', nargs='+', default=list(MODEL_VARIANTS), choices=MODEL_VARIANTS,
+                        metavar='VARIANT', help=f'model variants to time (default: all of {MODEL_VARIANTS})')
+    parser.add_argument('--no-model-infer', dest='model_infer', action='store_false',
+                        help='skip the inference timing and the eval-output check in the model case')
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/benchmark/benchmark.json'))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -409,7 +421,8 @@ def main(argv=None):
         result['layer'] = run_layer(args, device)
     if 'window' in cases:
         result['window'] = run_window(args, device)
-    torch.set_num_threads(default_threads)
+    torch.set_num_threads(args.model_threads or default_threads)
+    result['model_threads'] = torch.get_num_threads()
     if 'model' in cases:
         result['model'] = run_model(args, device)
     if 'memory' in cases:

@@ -1,0 +1,73 @@
+"""tools/analysis/detection_study.py and detection_stats_error.py run on a tiny budget; well-formed output."""
+import json
+import math
+import os.path as osp
+import sys
+
+import torch
+from mmdet.registry import MODELS
+from mmdet.utils import register_all_modules
+from mmengine.config import Config
+from mmengine.runner import CheckpointLoader
+
+import cbn_mmdet  # noqa: F401
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
+sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
+
+import detection_stats_error  # noqa: E402
+import detection_study  # noqa: E402
+
+
+def test_study_tiny_run(tmp_path):
+    out = tmp_path / 'study'
+    result = detection_study.main(['--methods', 'bn-small', 'naive-cbn', 'bn-large', '--seeds', '0', '1', '--iters',
+                                   '6', '--large-batch', '3', '--pretrain-iters', '4', '--out', str(out),
+                                   '--data-root', str(tmp_path / 'data')])
+    with open(out / 'detection_study.json') as f:
+        saved = json.load(f)
+    assert saved['summary'] == json.loads(json.dumps(result['summary']))
+    assert sorted(saved['summary']) == ['bn-large', 'bn-small', 'naive-cbn']
+    for method, row in saved['summary'].items():
+        assert row['n'] == 2 and row['images_per_iter'] == (3 if method == 'bn-large' else 2)
+        for key in detection_study.METRICS:
+            mean, std = row[key]
+            assert 0 <= mean <= 1 and std >= 0
+    assert {(r['method'], r['seed']) for r in saved['runs']} == {
+        (m, s) for m in ('bn-small', 'naive-cbn', 'bn-large') for s in (0, 1)}
+    assert all(r['iters'] == 6 and r['train_cpu_s'] > 0 for r in saved['runs'])
+    assert (out / 'detection_study.png').stat().st_size > 1000
+    # each run's config normalizes the neck and the box head with its method, and nothing else is left over
+    for method, norm in (('bn-small', dict(type='BN', requires_grad=True)),
+                         ('naive-cbn', dict(type='CBN', window_size=4, compensate=False, requires_grad=True))):
+        cfg = Config.fromfile(str(out / 'runs' / f'{method}_seed1' / 'config.py'))
+        assert cfg.model.neck.norm_cfg == norm and cfg.model.roi_head.bbox_head.norm_cfg == norm
+        assert cfg.randomness.seed == 1 and cfg.train_dataloader.batch_size == 2
+        assert [h['type'] for h in cfg.custom_hooks] == (['CBNBurnInHook'] if 'cbn' in method else [])
+    # the pretrained backbone: loaded from the pretraining run's checkpoint, and frozen
+    checkpoint = saved['pretrain']['checkpoint']
+    assert saved['pretrain']['iters'] == 4 and osp.exists(checkpoint)
+    assert all(r['backbone_checkpoint'] == checkpoint for r in saved['runs'])
+    assert cfg.model.backbone.frozen_stages == 4 and cfg.model.backbone.norm_eval
+    register_all_modules()
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')['state_dict']  # weights_only loader
+    backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
+    assert backbone and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in backbone.items())
+
+
+def test_stats_error_tiny_run(tmp_path):
+    out = tmp_path / 'stats'
+    result = detection_stats_error.main(['--ks', '3', '--lrs', '0.02', '--iters', '12', '--interval', '4', '--out',
+                                         str(out), '--data-root', str(tmp_path / 'data')])
+    with open(out / 'detection_stats_error.json') as f:
+        saved = json.load(f)
+    assert saved['runs'] == json.loads(json.dumps(result['runs']))
+    (run, ) = saved['runs']
+    assert run['k'] == 3 and run['measurements'] == 3 * 12  # iterations 4, 8, 12 (windows open at 2), 12 layers
+    for group in ('neck', 'roi_head', 'all'):
+        for est in detection_stats_error.ESTIMATORS:
+            err_mu, err_sd = run['error'][group][est]
+            assert math.isfinite(err_mu) and math.isfinite(err_sd) and err_mu > 0 and err_sd > 0
+    assert (out / 'detection_stats_error.png').stat().st_size > 1000

@@ -1,0 +1,139 @@
+"""CBN's statistics error during detection training on the toy COCO (CBNStatsErrorHook), for several k and lr.
+
+    python tools/analysis/detection_stats_error.py [--ks 2 4 8] [--lrs 0.02 0.05] [--seeds 0] [--iters 200]
+                                                   [--interval 10] [--out DIR]
+
+The toy Faster R-CNN with CBN in the FPN neck and the 4conv1fc box head (``tools/analysis/detection_study.py``,
+method ``cbn``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
+every ``--interval`` iterations, once the windows are open, how far CBN's, Naive CBN's and BN's statistics are from
+the population statistics (16 fixed training images through the same weights, every normalization frozen to what it
+used in the training forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
+
+Writes ``detection_stats_error.json`` (mean errors per k, lr, layer group and estimator) and
+``detection_stats_error.png`` into ``--out`` (default ``work_dirs/analysis/detection_stats_error``).
+"""
+import argparse
+import copy
+import json
+import os
+import os.path as osp
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+import detection_study  # noqa: E402
+
+ROOT = detection_study.ROOT
+ESTIMATORS = ('CBN', 'Naive', 'BN')
+GROUPS = ('neck', 'roi_head')
+
+
+def group_of(layer: str) -> str:
+    return layer.split('.')[0]
+
+
+def summarize(records) -> dict:
+    """{group: {estimator: [mean error of mu, mean error of sd]}} over every measured (iteration, layer)."""
+    rows = defaultdict(list)
+    for r in records:
+        for est in ESTIMATORS:
+            rows[(group_of(r['layer']), est)].append(r['errors'][est])
+            rows[('all', est)].append(r['errors'][est])
+    out = defaultdict(dict)
+    for (group, est), values in rows.items():
+        out[group][est] = np.mean(values, axis=0).tolist()
+    return dict(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--ks', type=int, nargs='+', default=[2, 4, 8])
+    parser.add_argument('--lrs', type=float, nargs='+', default=[0.02, 0.05])
+    parser.add_argument('--interval', type=int, default=10, help='iterations between measurements')
+    detection_study.add_run_args(parser)
+    parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/detection_stats_error'))
+    parser.set_defaults(seeds=[0], iters=200)
+    args = parser.parse_args(argv)
+    args.large_batch, args.window_size, args.lr, args.stats_interval = 8, 1, 0.0, args.interval
+    detection_study.check_args(args)
+    if args.interval < 1:
+        raise ValueError(f'--interval must be >= 1, got {args.interval}')
+
+    start = time.time()
+    settings = []  # one args copy per (k, lr): its own --out
+    for lr in args.lrs:
+        for k in args.ks:
+            run_args = copy.copy(args)
+            run_args.lr, run_args.window_size = lr, k
+            run_args.out = osp.join(args.out, f'k{k}_lr{lr}')
+            settings.append(run_args)
+    jobs = [(s, 'cbn', seed) for s in settings for seed in args.seeds]
+    print(f'detection_stats_error: {len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time', flush=True)
+    runs = detection_study.run_all(args, jobs)
+
+    result = dict(settings={k: v for k, v in vars(args).items() if k in (
+        'ks', 'lrs', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads')}, runs=[])
+    curves = {}
+    for run_args in settings:
+        records = []
+        for seed in args.seeds:
+            path = osp.join(run_args.out, 'runs', f'cbn_seed{seed}', 'cbn_stats_error.json')
+            with open(path) as f:
+                records += json.load(f)['records']
+        mine = [r for r in runs if r['lr'] == run_args.lr and r['window_size'] == run_args.window_size]
+        result['runs'].append(dict(k=run_args.window_size, lr=run_args.lr, measurements=len(records),
+                                   bbox_mAP=float(np.mean([r['bbox_mAP'] for r in mine])),
+                                   error=summarize(records)))
+        curves[(run_args.window_size, run_args.lr)] = records
+    result['cpu_s'] = float(sum(r['train_cpu_s'] for r in runs))
+    result['wall_s'] = time.time() - start
+    os.makedirs(args.out, exist_ok=True)
+    with open(osp.join(args.out, 'detection_stats_error.json'), 'w') as f:
+        json.dump(result, f, indent=1)
+    plot(result, curves, args, osp.join(args.out, 'detection_stats_error.png'))
+    print(f"\n{'k':>3}{'lr':>7}  {'group':<9}" + ''.join(f'{e + " mu":>10}{e + " sd":>10}' for e in ESTIMATORS))
+    for run in result['runs']:
+        for group in ('neck', 'roi_head'):
+            errs = run['error'].get(group, {})
+            print(f"{run['k']:>3}{run['lr']:>7}  {group:<9}" + ''.join(
+                f'{errs[e][0]:>10.3f}{errs[e][1]:>10.3f}' for e in ESTIMATORS if e in errs))
+    print(f"{len(runs)} runs, {result['cpu_s'] / 60:.1f} CPU min; written {args.out}")
+    return result
+
+
+def plot(result, curves, args, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, grid = plt.subplots(2, 3, figsize=(15, 8))
+    for row, (col, what) in enumerate(((0, 'mean'), (1, 'sigma'))):
+        for ax, group in zip(grid[row][:2], GROUPS):
+            for lr in args.lrs:
+                runs = sorted((r for r in result['runs'] if r['lr'] == lr), key=lambda r: r['k'])
+                for est, style in (('CBN', '-o'), ('Naive', '--s'), ('BN', ':')):
+                    ax.plot([r['k'] for r in runs], [r['error'][group][est][col] if group in r['error'] else np.nan
+                                                     for r in runs], style, label=f'{est} lr={lr}')
+            ax.set(title=f'{group} layers: error of the {what}', xlabel='window k',
+                   ylabel=f'|{what}_est - {what}_pop| / |sd_pop|')
+            ax.set_xscale('log', base=2)
+        ax = grid[row][2]  # over training, k=4 (or the first k), the largest lr, all layers averaged per step
+        k0 = 4 if 4 in args.ks else args.ks[0]
+        records = curves[(k0, args.lrs[-1])]
+        for est in ESTIMATORS:
+            steps = sorted({r['iter'] for r in records})
+            ax.plot(steps, [np.mean([r['errors'][est][col] for r in records if r['iter'] == s]) for s in steps],
+                    label=est)
+        ax.set(title=f'k={k0}, lr={args.lrs[-1]}: error of the {what}, mean over layers', xlabel='iteration')
+        ax.legend(fontsize=8)
+    grid[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == '__main__':
+    main()
