@@ -1,13 +1,15 @@
 """CBN's statistics error during detection training on the toy COCO (CBNStatsErrorHook), for several k and lr.
 
     python tools/analysis/detection_stats_error.py [--ks 2 4 8] [--lrs 0.02 0.05] [--seeds 0] [--iters 200]
-                                                   [--interval 10] [--out DIR]
+                                                   [--interval 10] [--backbone-checkpoint CKPT] [--out DIR]
 
 The toy Faster R-CNN with CBN in the FPN neck and the 4conv1fc box head (``tools/analysis/detection_study.py``,
 method ``cbn``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
 every ``--interval`` iterations, once the windows are open, how far CBN's, Naive CBN's and BN's statistics are from
 the population statistics (16 fixed training images through the same weights, every normalization frozen to what it
 used in the training forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
+By default the backbone trains from scratch with BN; ``--backbone-checkpoint`` loads it from a checkpoint (for
+example the pretraining run of ``detection_study.py --pretrain-iters``) and freezes it, BN included.
 
 Writes ``detection_stats_error.json`` (mean errors per k, lr, layer group and estimator) and
 ``detection_stats_error.png`` into ``--out`` (default ``work_dirs/analysis/detection_stats_error``).
@@ -75,7 +77,7 @@ def main(argv=None):
     runs = detection_study.run_all(args, jobs)
 
     result = dict(settings={k: v for k, v in vars(args).items() if k in (
-        'ks', 'lrs', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads')}, runs=[])
+        'ks', 'lrs', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads', 'backbone_checkpoint')}, runs=[])
     curves = {}
     for run_args in settings:
         records = []
