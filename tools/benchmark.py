@@ -117,7 +117,7 @@ def summary(values: List[float]) -> Dict[str, float]:
     boot = v[torch.randint(len(values), (2000, len(values)), generator=gen)].median(dim=1).values
     return dict(median=statistics.median(values), q1=qs[0], q3=qs[2], ci95=[boot.quantile(0.025).item(),
                                                                            boot.quantile(0.975).item()],
-                n=len(values))
+                n=len(values), values=list(values))
 
 
 def paired(times, a, b, scale=None):
