@@ -144,13 +144,20 @@ class CBNStatsErrorHook(Hook):
                 self._handles.append(module.register_forward_hook(self._capture))
 
     def _snapshot(self, module, args) -> None:
-        """Before the forward: the window as the layer sees it (this iteration not yet pushed)."""
+        """Before the forward: the window as the layer sees it (this iteration not yet pushed).
+
+        Only the first call counts: a checkpoint recomputation during backward comes after the push.
+        """
+        if module in self._estimates or module in self._frozen:
+            return
         if isinstance(module, CrossIterationBatchNorm2d) and module._window is not None and module._window.count:
             view = module._window.view()
             self._estimates[module] = dict(window=(view['mu'].clone(), view['s'].clone()))
 
     def _capture(self, module, args, output) -> None:
-        """After the forward: the statistics the layer normalized with, and the batch's own."""
+        """After the forward: the statistics the layer normalized with, and the batch's own (first call only)."""
+        if module in self._frozen:
+            return
         x = args[0]
         if x.numel() == 0 or not module.training:
             if not module.training and module.running_mean is not None:

@@ -11,6 +11,7 @@ from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 import cbn_mmdet  # noqa: F401
@@ -37,8 +38,9 @@ def test_registered_in_root_hooks():
 class Net(BaseModel):
     """BN (plain, batch statistics) -> conv -> CBN -> ReLU -> conv -> CBN -> dropout: RNG is used in training."""
 
-    def __init__(self, k=4, compensate=True):
+    def __init__(self, k=4, compensate=True, with_cp=False):
         super().__init__()
+        self.with_cp = with_cp
         self.bn0 = nn.BatchNorm2d(3)
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
         self.bn1 = CrossIterationBatchNorm2d(8, window_size=k, compensate=compensate)
@@ -48,7 +50,12 @@ class Net(BaseModel):
 
     def forward(self, inputs, mode='tensor'):
         x = torch.stack(inputs) if isinstance(inputs, list) else inputs
-        y = self.drop(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(self.bn0(x)))))))
+        h = torch.relu(self.bn1(self.conv1(self.bn0(x))))
+        if self.with_cp and torch.is_grad_enabled():  # recomputed during backward, after the window's push
+            y = checkpoint(lambda t: self.bn2(self.conv2(t)), h, use_reentrant=False)
+        else:
+            y = self.bn2(self.conv2(h))
+        y = self.drop(y)
         return dict(loss=(y - 0.5).square().mean() + y.mean((0, 2, 3)).square().sum()) if mode == 'loss' else y
 
 
@@ -89,10 +96,10 @@ class Spy(Hook):
         self.handles = []
 
 
-def make_runner(work_dir, hooks, max_iters, k=4, compensate=True, lr=0.05):
+def make_runner(work_dir, hooks, max_iters, k=4, compensate=True, lr=0.05, with_cp=False):
     torch.manual_seed(0)  # the model is built before the Runner seeds
     return Runner(
-        model=Net(k, compensate),
+        model=Net(k, compensate, with_cp),
         work_dir=str(work_dir),
         train_dataloader=dict(dataset=Images(), sampler=dict(type='InfiniteSampler', shuffle=True), batch_size=2,
                               collate_fn=dict(type='default_collate')),
@@ -164,6 +171,18 @@ def test_training_is_unchanged(tmp_path):
         assert torch.equal(a, b), name
     for a, b in zip(plain.model.buffers(), measured.model.buffers()):
         assert torch.equal(a, b)
+
+
+def test_gradient_checkpointing_measures_the_first_forward(tmp_path):
+    """A recomputation during backward (after the push) must not replace what the training forward used."""
+    hooks = [CBNStatsErrorHook(interval=4, num_images=6), CBNStatsErrorHook(interval=4, num_images=6)]
+    make_runner(tmp_path / 'plain', [hooks[0]], max_iters=8).train()
+    make_runner(tmp_path / 'cp', [hooks[1]], max_iters=8, with_cp=True).train()
+    assert len(hooks[0].records) == len(hooks[1].records) == 4
+    for a, b in zip(*(h.records for h in hooks)):
+        assert a['layer'] == b['layer'] and a['iter'] == b['iter']
+        for est in a['errors']:
+            np.testing.assert_allclose(a['errors'][est], b['errors'][est], rtol=1e-5)
 
 
 def test_naive_layers_report_naive_equal_to_cbn(tmp_path):
