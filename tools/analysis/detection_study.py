@@ -1,7 +1,7 @@
 """A small-batch detection study on the toy COCO, on the CPU: which normalization in the heads trains best?
 
     python tools/analysis/detection_study.py [--iters 300] [--seeds 0 1 2] [--images-per-iter 2] [--jobs 2]
-                                             [--out DIR]
+                                             [--pretrain-iters N | --backbone-checkpoint CKPT] [--out DIR]
 
 The toy Faster R-CNN (``configs/toy/faster-rcnn_r18-cbn-heads_fpn_toy.py``: ResNet-18/32 from scratch with BN,
 FPN and 4conv1fc box head of 64 channels, 128x128 images) is trained with its FPN neck and box head normalized by
@@ -18,6 +18,11 @@ Every (method, seed) trains ``--iters`` iterations with the toy config's schedul
 warm-up, lr steps at 75% and 92%), CBN burn-in for the first sixth, and is then evaluated once with MMDetection's
 CocoMetric on the toy val split. Runs go through mmengine's Runner (``tools/train.py``), ``--jobs`` at a time, each
 in its own process with ``--threads`` torch threads. Each run's config, log and metrics stay in ``--out/runs/``.
+
+By default the backbone trains from scratch with BN at the run's batch. ``--pretrain-iters N`` first trains a BN
+model for N iterations and loads its backbone, frozen with its BN, into every run (the paper's "fixed BN" backbone,
+which also removes the upstream drift that CBN's compensation truncates); ``--backbone-checkpoint`` uses a given
+checkpoint instead.
 
 Writes ``detection_study.json`` (per-run metrics, per-method mean +- std, CPU seconds) and
 ``detection_study.png`` into ``--out`` (default ``work_dirs/analysis/detection_study``).
