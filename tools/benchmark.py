@@ -410,7 +410,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
-    result = dict(device=str(device), torch=torch.__version__, model_threads=default_threads,
+    result = dict(device=str(device), torch=torch.__version__,
                   machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
     if device.type == 'cuda':
         result['gpu'] = torch.cuda.get_device_name(device)

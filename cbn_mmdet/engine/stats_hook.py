@@ -36,6 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..models.cbn import CrossIterationBatchNorm2d
 from ..ops import batch_moments, relative_stat_errors, window_moments
+from .hooks import cbn_layers
 
 ESTIMATORS = ('CBN', 'Naive', 'BN')
 RESULT_FILE = 'cbn_stats_error.json'
@@ -99,9 +100,8 @@ class CBNStatsErrorHook(Hook):
 
     # ------------------------------------------------------------------ set-up
     def before_run(self, runner) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        self._model = model
-        found = {n: m for n, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)}
+        self._model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        found = dict(cbn_layers(self._model))
         if self.layer_names is None:
             self._layers = found
         else:

@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 import detection_study  # noqa: E402
+from cbn_mmdet.engine.stats_hook import ESTIMATORS  # noqa: E402
 
 ROOT = detection_study.ROOT
-ESTIMATORS = ('CBN', 'Naive', 'BN')
 GROUPS = ('neck', 'roi_head')
 
 
@@ -59,10 +59,15 @@ def main(argv=None):
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/detection_stats_error'))
     parser.set_defaults(seeds=[0], iters=200)
     args = parser.parse_args(argv)
-    args.large_batch, args.window_size, args.lr, args.stats_interval = 8, 1, 0.0, args.interval
-    detection_study.check_args(args)
+    if min(args.ks) < 1:
+        raise ValueError(f'--ks must all be >= 1, got {args.ks}')
+    if min(args.lrs) <= 0:
+        raise ValueError(f'--lrs must all be > 0, got {args.lrs}')
     if args.interval < 1:
         raise ValueError(f'--interval must be >= 1, got {args.interval}')
+    # every run is method 'cbn' at --images-per-iter; k and lr are set per setting below
+    args.large_batch, args.window_size, args.lr, args.stats_interval = 8, min(args.ks), min(args.lrs), args.interval
+    detection_study.check_args(args)
 
     start = time.time()
     settings = []  # one args copy per (k, lr): its own --out

@@ -209,6 +209,8 @@ def check_args(args) -> None:
     for name in ('iters', 'images_per_iter', 'large_batch', 'jobs', 'threads', 'window_size'):
         if getattr(args, name) < 1:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.lr <= 0:
+        raise ValueError(f'--lr must be > 0, got {args.lr}')
 
 
 def run_all(args, jobs) -> list:

@@ -4,6 +4,7 @@ import math
 import os.path as osp
 import sys
 
+import pytest
 import torch
 from mmdet.registry import MODELS
 from mmdet.utils import register_all_modules
@@ -71,3 +72,18 @@ def test_stats_error_tiny_run(tmp_path):
             err_mu, err_sd = run['error'][group][est]
             assert math.isfinite(err_mu) and math.isfinite(err_sd) and err_mu > 0 and err_sd > 0
     assert (out / 'detection_stats_error.png').stat().st_size > 1000
+
+
+@pytest.mark.parametrize('tool, argv, match', [
+    (detection_study, ['--iters', '0'], '--iters must be >= 1, got 0'),
+    (detection_study, ['--large-batch', '0'], '--large-batch must be >= 1, got 0'),
+    (detection_study, ['--lr', '-0.1'], '--lr must be > 0, got -0.1'),
+    (detection_study, ['--pretrain-iters', '-1'], '--pretrain-iters must be >= 0, got -1'),
+    (detection_stats_error, ['--ks', '2', '0'], r'--ks must all be >= 1, got \[2, 0\]'),
+    (detection_stats_error, ['--lrs', '0'], r'--lrs must all be > 0, got \[0.0\]'),
+    (detection_stats_error, ['--interval', '0'], '--interval must be >= 1, got 0'),
+])
+def test_bad_arguments_raise_before_any_run(tmp_path, tool, argv, match):
+    with pytest.raises(ValueError, match=match):
+        tool.main(argv + ['--out', str(tmp_path), '--data-root', str(tmp_path / 'data')])
+    assert not (tmp_path / 'data').exists() and not (tmp_path / 'runs').exists()
