@@ -46,10 +46,9 @@ from torch.func import functional_call, jacrev
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
+from cbn_mmdet.engine.stats_hook import ESTIMATORS  # noqa: E402
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d  # noqa: E402
 from cbn_mmdet.ops import relative_stat_errors, window_moments  # noqa: E402
-
-ESTIMATORS = ('CBN', 'Naive', 'BN')
 
 
 def load_digits_tensor():
