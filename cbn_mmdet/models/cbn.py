@@ -178,6 +178,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``k=1`` is plain BN. ``'auto'`` is resolved by ``CBNBurnInHook`` to
             ``min(ceil(16 / images per GPU), 8)``. Default: 4.
         compensate (bool): Apply the Taylor compensation; ``False`` gives the paper's "Naive CBN". Default: True.
+        stat_grad_subsample (int): An opt-in approximation of the one extra cost of exact CBN, the weight-gradient
+            ``dnu/dW`` of Eq. 8: estimate it from every r-th RoI (inputs of at least ``8r`` samples) or else every
+            r-th row of the feature map, which cuts that weight-gradient to ``1/r``. ``dmu/dW`` and the current
+            statistics stay exact. ``1`` is exact CBN. See ``docs/analysis/subsample`` for its effect on the
+            statistics' error. Default: 1.
 
     Example:
         >>> from mmcv.cnn import build_norm_layer
@@ -195,6 +200,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  track_running_stats: bool = True,
                  window_size: Union[int, str] = 4,
                  compensate: bool = True,
+                 stat_grad_subsample: int = 1,
                  device=None,
                  dtype=None):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
@@ -206,9 +212,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'momentum must be None or a number in [0, 1], got {momentum!r}')
         if not isinstance(compensate, bool):
             raise ValueError(f'compensate must be a bool, got {compensate!r}')
+        if (isinstance(stat_grad_subsample, bool) or not isinstance(stat_grad_subsample, int)
+                or stat_grad_subsample < 1):
+            raise ValueError(f'stat_grad_subsample must be an int >= 1, got {stat_grad_subsample!r}')
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._window_size = _check_window_size(window_size)
         self.compensate = compensate
+        self.stat_grad_subsample = stat_grad_subsample
         self._window: Optional[_Window] = None
         # Iteration control. An unmanaged layer uses its window from the first iteration; CBNBurnInHook calls
         # begin_iteration() before every training iteration.
@@ -239,7 +249,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def extra_repr(self) -> str:
         mode = 'taylor' if self.compensate else 'naive'
-        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}'
+        sub = f', stat_grad_subsample={self.stat_grad_subsample}' if self.stat_grad_subsample != 1 else ''
+        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{sub}'
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -472,7 +483,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if not self.compensate:  # Naive CBN needs no gradient
                 entry = dict(mu=mu_t, s=s_t, m=m)
             else:
-                grads = conv_stat_grads(conv, x.detach(), mu_t)
+                grads = conv_stat_grads(conv, x.detach(), mu_t, self.stat_grad_subsample)
                 p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, conv.weight.detach())
                 if not bool(torch.isfinite(grads.g_s).all() & torch.isfinite(p_s).all()
                             & torch.isfinite(p_mu).all()):

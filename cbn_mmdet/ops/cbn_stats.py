@@ -27,8 +27,8 @@ from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
 __all__ = [
-    'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'conv_stat_grads', 'kernel_products',
-    'compensate', 'window_moments', 'cbn_normalize'
+    'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'kernel_products',
+    'compensate', 'window_moments', 'relative_stat_errors', 'cbn_normalize'
 ]
 
 
@@ -69,7 +69,35 @@ class StatGrads(NamedTuple):
     g_s: Tensor  # (C, C_in/g, kh, kw): d s_j / d W_j
 
 
-def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor) -> StatGrads:
+def subsample_plan(n: int, h: int, ratio: int) -> Tuple[str, int]:
+    """Which output positions estimate ``ds/dW`` when only ``1/ratio`` of them are to be used.
+
+    Every ``ratio``-th sample when the batch has at least ``8 * ratio`` samples (RoI heads: RoIs are many and
+    independent), otherwise every ``ratio``-th row of every sample (backbone and neck maps: few images, many rows).
+    ``('all', 1)`` when ``ratio`` is 1 or the map has too few rows to subsample.
+
+    Returns:
+        tuple[str, int]: ``('samples' | 'rows' | 'all', step)``.
+    """
+    if ratio <= 1:
+        return 'all', 1
+    if n >= 8 * ratio:
+        return 'samples', ratio
+    if h >= 2 * ratio:
+        return 'rows', ratio
+    return 'all', 1
+
+
+def _mean_patch(u: Tensor, conv: 'ConvSpec', out_hw: Tuple[int, int], stride: Sequence[int], count: int) -> Tensor:
+    """``(1/count) sum_i patch_i`` over the output positions of a conv of ``u`` with ``stride``: (g, C_in/g, kh, kw)."""
+    groups = conv.groups
+    ones = u.new_ones((1, groups) + tuple(out_hw))  # (1, g, H', W')
+    g_mu = conv2d_weight(u.sum(0, keepdim=True), (groups, ) + tuple(conv.weight.shape[1:]), ones, stride,
+                         conv.padding, conv.dilation, groups)
+    return g_mu.div_(count)
+
+
+def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -> StatGrads:
     """``dmu/dW`` and ``ds/dW`` of the current iteration, in closed form (Appendix B, Eq. 13-15).
 
     ``dmu_j/dW_j`` is the mean input patch: a weight-gradient of the batch-summed input against a ones map, with
@@ -77,31 +105,41 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor) -> StatGrads:
     weight-gradient with grad_output ``x``, centred afterwards on the kernel-sized result (``- 2 mu dmu/dW``); the
     ``2/m`` factor is applied to the small result, not to x.
 
+    With ``subsample = r > 1`` (an opt-in approximation), ``ds/dW`` is estimated from ``1/r`` of the output
+    positions chosen by :func:`subsample_plan`: ``(2/m') sum_{i in S} (x_i - mu) patch_i`` over the subset ``S`` of
+    ``m'`` positions, which costs ``1/r`` of the weight-gradient. Rows are taken by running the weight-gradient with
+    the row stride multiplied by ``r``, so no patch is gathered. ``dmu/dW`` stays exact.
+
     Args:
         conv (ConvSpec): the producing convolution.
         x (Tensor): its output (N, C, H, W).
         mu (Tensor): the per-channel mean of x (C,), in the statistics dtype.
+        subsample (int): use every ``subsample``-th sample or row for ``ds/dW``. Default: 1 (exact).
 
     Returns:
         StatGrads: both gradients, in the dtype of ``mu``.
     """
     dtype = mu.dtype
     n, c, h, w = x.shape
-    m = n * h * w
-    weight_shape = conv.weight.shape
     groups = conv.groups
     u = conv.input.to(dtype)
     # d mu / dW: sum_i patch_i = patches of (sum_n u_n); one "output channel" per group   (Eq. 15)
-    ones = u.new_ones(1, groups, h, w)  # (1, g, H, W)
-    g_mu = conv2d_weight(u.sum(0, keepdim=True), (groups, ) + tuple(weight_shape[1:]), ones, conv.stride,
-                         conv.padding, conv.dilation, groups)  # -> (g, C_in/g, kh, kw)
-    g_mu.div_(m)
+    g_mu = _mean_patch(u, conv, (h, w), conv.stride, n * h * w)  # -> (g, C_in/g, kh, kw)
+    how, step = subsample_plan(n, h, subsample)
+    stride = tuple(conv.stride)
+    if how == 'samples':
+        u, x = u[::step], x[::step]
+    elif how == 'rows':
+        x = x[:, :, ::step]
+        stride = (stride[0] * step, stride[1])  # output row i of this conv is row i*step of the original one
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    patch = g_mu if how == 'all' else _mean_patch(u, conv, x.shape[2:], stride, m)  # mean patch over the subset
     # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
     # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
     # touches only this first-order term: s itself comes from batch_moments, centred.
-    g_s = conv2d_weight(u, weight_shape, x.to(dtype), conv.stride, conv.padding, conv.dilation, groups)
+    g_s = conv2d_weight(u, conv.weight.shape, x.to(dtype), stride, conv.padding, conv.dilation, groups)
     g_s.mul_(2.0 / m)
-    g_s.sub_(g_mu.repeat_interleave(c // groups, dim=0).mul_(2 * mu.view(c, 1, 1, 1)))
+    g_s.sub_(patch.repeat_interleave(c // groups, dim=0).mul_(2 * mu.view(c, 1, 1, 1)))
     return StatGrads(g_mu, g_s)
 
 

@@ -35,6 +35,9 @@ def sgd_step(params, lr=0.05):
     (dict(momentum=1.5), 'momentum.*1.5'),
     (dict(momentum=-0.1), 'momentum.*-0.1'),
     (dict(compensate='yes'), "compensate.*'yes'"),
+    (dict(stat_grad_subsample=0), 'stat_grad_subsample.*0'),
+    (dict(stat_grad_subsample=2.0), 'stat_grad_subsample.*2.0'),
+    (dict(stat_grad_subsample=True), 'stat_grad_subsample.*True'),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -459,6 +462,37 @@ def test_naive_window_keeps_no_gradients_and_switching_mode_is_safe():
 def test_extra_repr():
     assert 'window_size=4, compensate=taylor' in repr(CBN(4))
     assert 'compensate=naive' in repr(CBN(4, compensate=False))
+    assert 'stat_grad_subsample' not in repr(CBN(4)) and 'stat_grad_subsample=4' in repr(CBN(4, stat_grad_subsample=4))
+
+
+@pytest.mark.parametrize('n, h', [(32, 7), (2, 16)])  # RoI-like (every 2nd RoI), map-like (every 2nd row)
+def test_stat_grad_subsample_approximates_only_dnu(n, h):
+    """Over SGD steps: the subsampled layer's mean is exactly the exact layer's (dmu/dW is kept exact), its
+    variance is close but not equal, and of what it stores only ds/dW differs."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    conv_s = copy.deepcopy(conv)
+    exact, approx = CBN(8, window_size=3).double(), CBN(8, window_size=3, stat_grad_subsample=2).double()
+    gen = torch.Generator().manual_seed(1)
+    for it in range(6):
+        u = torch.randn(n, 4, h, h, dtype=torch.float64, generator=gen) + 0.5
+        x, x_s = conv(u), conv_s(u)
+        y, y_s = exact(x), approx(x_s)
+        if it >= 2:  # windows full, kernels differ between iterations: compensation at work
+            torch.testing.assert_close(approx.running_mean, exact.running_mean, rtol=1e-12, atol=1e-12)
+            assert not torch.allclose(approx.running_var, exact.running_var, rtol=1e-9, atol=0)
+            torch.testing.assert_close(approx.running_var, exact.running_var, rtol=2e-2, atol=0)
+        g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+        (y * g).sum().backward()
+        (y_s * g).sum().backward()
+        with torch.no_grad():  # the same step for both: their kernels stay equal
+            for p, q in zip(conv.parameters(), conv_s.parameters()):
+                p.sub_(0.05 * p.grad)
+                q.copy_(p)
+                p.grad = q.grad = None
+    t_e, t_a = exact._window.tensors, approx._window.tensors
+    torch.testing.assert_close(t_a['g_mu'], t_e['g_mu'], rtol=0, atol=0)
+    assert not torch.allclose(t_a['g_s'], t_e['g_s'])
 
 
 def test_history_memory_is_one_kernel_per_stored_iteration():

@@ -1,7 +1,8 @@
 """CBN's statistics error during detection training on the toy COCO (CBNStatsErrorHook), for several k and lr.
 
-    python tools/analysis/detection_stats_error.py [--ks 2 4 8] [--lrs 0.02 0.05] [--seeds 0] [--iters 200]
-                                                   [--interval 10] [--backbone-checkpoint CKPT] [--out DIR]
+    python tools/analysis/detection_stats_error.py [--ks 2 4 8] [--lrs 0.02 0.05] [--subsamples 1] [--seeds 0]
+                                                   [--iters 200] [--interval 10] [--backbone-checkpoint CKPT]
+                                                   [--out DIR]
 
 The toy Faster R-CNN with CBN in the FPN neck and the 4conv1fc box head (``tools/analysis/detection_study.py``,
 method ``cbn``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
@@ -10,6 +11,8 @@ the population statistics (16 fixed training images through the same weights, ev
 used in the training forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
 By default the backbone trains from scratch with BN; ``--backbone-checkpoint`` loads it from a checkpoint (for
 example the pretraining run of ``detection_study.py --pretrain-iters``) and freezes it, BN included.
+``--subsamples 1 4`` also trains every setting with CBN's opt-in approximation ``stat_grad_subsample=4`` (``dnu/dW``
+from every 4th RoI or row), so that its cost in accuracy is measured against exact CBN on the same seeds.
 
 Writes ``detection_stats_error.json`` (mean errors per k, lr, layer group and estimator) and
 ``detection_stats_error.png`` into ``--out`` (default ``work_dirs/analysis/detection_stats_error``).
@@ -54,6 +57,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--ks', type=int, nargs='+', default=[2, 4, 8])
     parser.add_argument('--lrs', type=float, nargs='+', default=[0.02, 0.05])
+    parser.add_argument('--subsamples', type=int, nargs='+', default=[1],
+                        help="CBN's stat_grad_subsample values to train with (1: exact)")
     parser.add_argument('--interval', type=int, default=10, help='iterations between measurements')
     detection_study.add_run_args(parser)
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/detection_stats_error'))
@@ -63,26 +68,31 @@ def main(argv=None):
         raise ValueError(f'--ks must all be >= 1, got {args.ks}')
     if min(args.lrs) <= 0:
         raise ValueError(f'--lrs must all be > 0, got {args.lrs}')
+    if min(args.subsamples) < 1:
+        raise ValueError(f'--subsamples must all be >= 1, got {args.subsamples}')
     if args.interval < 1:
         raise ValueError(f'--interval must be >= 1, got {args.interval}')
-    # every run is method 'cbn' at --images-per-iter; k and lr are set per setting below
+    # every run is method 'cbn' at --images-per-iter; k, lr and the subsampling are set per setting below
     args.large_batch, args.window_size, args.lr, args.stats_interval = 8, min(args.ks), min(args.lrs), args.interval
+    args.stat_grad_subsample = min(args.subsamples)
     detection_study.check_args(args)
 
     start = time.time()
-    settings = []  # one args copy per (k, lr): its own --out
-    for lr in args.lrs:
-        for k in args.ks:
-            run_args = copy.copy(args)
-            run_args.lr, run_args.window_size = lr, k
-            run_args.out = osp.join(args.out, f'k{k}_lr{lr}')
-            settings.append(run_args)
+    settings = []  # one args copy per (k, lr, subsample): its own --out
+    for sub in args.subsamples:
+        for lr in args.lrs:
+            for k in args.ks:
+                run_args = copy.copy(args)
+                run_args.lr, run_args.window_size, run_args.stat_grad_subsample = lr, k, sub
+                run_args.out = osp.join(args.out, f'k{k}_lr{lr}' + (f'_sub{sub}' if sub != 1 else ''))
+                settings.append(run_args)
     jobs = [(s, 'cbn', seed) for s in settings for seed in args.seeds]
     print(f'detection_stats_error: {len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time', flush=True)
     runs = detection_study.run_all(args, jobs)
 
-    result = dict(settings={k: v for k, v in vars(args).items() if k in (
-        'ks', 'lrs', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads', 'backbone_checkpoint')}, runs=[])
+    kept = ('ks', 'lrs', 'subsamples', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads',
+            'backbone_checkpoint')
+    result = dict(settings={k: v for k, v in vars(args).items() if k in kept}, runs=[])
     curves = {}
     for run_args in settings:
         records = []
@@ -90,22 +100,25 @@ def main(argv=None):
             path = osp.join(run_args.out, 'runs', f'cbn_seed{seed}', 'cbn_stats_error.json')
             with open(path) as f:
                 records += json.load(f)['records']
-        mine = [r for r in runs if r['lr'] == run_args.lr and r['window_size'] == run_args.window_size]
-        result['runs'].append(dict(k=run_args.window_size, lr=run_args.lr, measurements=len(records),
+        mine = [r for r in runs if r['lr'] == run_args.lr and r['window_size'] == run_args.window_size
+                and r['stat_grad_subsample'] == run_args.stat_grad_subsample]
+        result['runs'].append(dict(k=run_args.window_size, lr=run_args.lr, subsample=run_args.stat_grad_subsample,
+                                   measurements=len(records),
                                    bbox_mAP=float(np.mean([r['bbox_mAP'] for r in mine])),
                                    error=summarize(records)))
-        curves[(run_args.window_size, run_args.lr)] = records
+        curves[(run_args.window_size, run_args.lr, run_args.stat_grad_subsample)] = records
     result['cpu_s'] = float(sum(r['train_cpu_s'] for r in runs))
     result['wall_s'] = time.time() - start
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'detection_stats_error.json'), 'w') as f:
         json.dump(result, f, indent=1)
     plot(result, curves, args, osp.join(args.out, 'detection_stats_error.png'))
-    print(f"\n{'k':>3}{'lr':>7}  {'group':<9}" + ''.join(f'{e + " mu":>10}{e + " sd":>10}' for e in ESTIMATORS))
+    print(f"\n{'k':>3}{'lr':>7}{'r':>3}  {'group':<9}" +
+          ''.join(f'{e + " mu":>10}{e + " sd":>10}' for e in ESTIMATORS))
     for run in result['runs']:
         for group in ('neck', 'roi_head'):
             errs = run['error'].get(group, {})
-            print(f"{run['k']:>3}{run['lr']:>7}  {group:<9}" + ''.join(
+            print(f"{run['k']:>3}{run['lr']:>7}{run['subsample']:>3}  {group:<9}" + ''.join(
                 f'{errs[e][0]:>10.3f}{errs[e][1]:>10.3f}' for e in ESTIMATORS if e in errs))
     print(f"{len(runs)} runs, {result['cpu_s'] / 60:.1f} CPU min; written {args.out}")
     return result
@@ -120,16 +133,21 @@ def plot(result, curves, args, path):
     for row, (col, what) in enumerate(((0, 'mean'), (1, 'sigma'))):
         for ax, group in zip(grid[row][:2], GROUPS):
             for lr in args.lrs:
-                runs = sorted((r for r in result['runs'] if r['lr'] == lr), key=lambda r: r['k'])
-                for est, style in (('CBN', '-o'), ('Naive', '--s'), ('BN', ':')):
-                    ax.plot([r['k'] for r in runs], [r['error'][group][est][col] if group in r['error'] else np.nan
-                                                     for r in runs], style, label=f'{est} lr={lr}')
+                for sub in args.subsamples:  # Naive and BN once (from the first r): they do not use dnu/dW
+                    runs = sorted((r for r in result['runs'] if r['lr'] == lr and r['subsample'] == sub),
+                                  key=lambda r: r['k'])
+                    lines = (('CBN', '-o'), ('Naive', '--s'), ('BN', ':')) if sub == args.subsamples[0] else (
+                        ('CBN', '-.^'), )
+                    for est, style in lines:
+                        label = f'{est} lr={lr}' + (f' r={sub}' if est == 'CBN' and len(args.subsamples) > 1 else '')
+                        ax.plot([r['k'] for r in runs], [r['error'][group][est][col] if group in r['error']
+                                                         else np.nan for r in runs], style, label=label)
             ax.set(title=f'{group} layers: error of the {what}', xlabel='window k',
                    ylabel=f'|{what}_est - {what}_pop| / |sd_pop|')
             ax.set_xscale('log', base=2)
         ax = grid[row][2]  # over training, k=4 (or the first k), the largest lr, all layers averaged per step
         k0 = 4 if 4 in args.ks else args.ks[0]
-        records = curves[(k0, args.lrs[-1])]
+        records = curves[(k0, args.lrs[-1], args.subsamples[0])]
         for est in ESTIMATORS:
             steps = sorted({r['iter'] for r in records})
             ax.plot(steps, [np.mean([r['errors'][est][col] for r in records if r['iter'] == s]) for s in steps],

@@ -1,6 +1,7 @@
 """Does compensation make old statistics right for the current weights? Measured on real training trajectories.
 
-    python tools/analysis/stats_error.py [--ks 2 4 8] [--lrs 0.02 0.1] [--seeds 0 1 2] [--steps 300] [--out DIR]
+    python tools/analysis/stats_error.py [--ks 2 4 8] [--lrs 0.02 0.1] [--seeds 0 1 2] [--steps 300]
+                                         [--stat-grad-subsample 1] [--out DIR]
 
 A small CNN (three conv -> CBN -> ReLU blocks) is trained on scikit-learn's bundled digits with 2 images per
 step and SGD with momentum. At every ``--every``-th step, from the same training forward, three estimates of each
@@ -16,7 +17,8 @@ population pass freezes every upstream layer's normalization to exactly what it 
 error measured at a layer is that layer's own estimation error, not the upstream error carried along.
 
 Errors (per layer, per step): ``|mu_est - mu_pop| / |sigma_pop|`` and ``|sigma_est - sigma_pop| / |sigma_pop|``
-(L2 norms over channels).
+(L2 norms over channels). ``--stat-grad-subsample r`` trains CBN with its opt-in approximation of ``dnu/dW`` (every
+r-th row), so that its effect on these errors can be compared with exact CBN on the same seeds.
 
 It also measures the truncation assumption (paper Sec. 4.4, Fig. 6) on the same trajectories:
 
@@ -61,11 +63,13 @@ def load_digits_tensor():
 class DigitsNet(nn.Module):
     """conv -> CBN -> ReLU, three times, then global pooling and a linear classifier."""
 
-    def __init__(self, window_size):
+    def __init__(self, window_size, stat_grad_subsample=1):
         super().__init__()
         self.convs = nn.ModuleList([nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, stride=2),
                                     nn.Conv2d(32, 32, 3, padding=1)])
-        self.norms = nn.ModuleList([CrossIterationBatchNorm2d(c, window_size=window_size) for c in (16, 32, 32)])
+        self.norms = nn.ModuleList([CrossIterationBatchNorm2d(c, window_size=window_size,
+                                                              stat_grad_subsample=stat_grad_subsample)
+                                    for c in (16, 32, 32)])
         self.fc = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -116,9 +120,9 @@ def jacobians(model, layer, batch):
     return out
 
 
-def run_one(k, lr, seed, steps, every, batch_size, images, labels, big):
+def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsample=1):
     torch.manual_seed(seed)
-    model = DigitsNet(k)
+    model = DigitsNet(k, subsample)
     optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(1000 + seed)
     pre = {}
@@ -207,8 +211,12 @@ def main(argv=None):
     parser.add_argument('--every', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=2)
     parser.add_argument('--big', type=int, default=512, help='images of the population batch')
+    parser.add_argument('--stat-grad-subsample', type=int, default=1,
+                        help="CBN's opt-in approximation: dnu/dW from every r-th row (1: exact)")
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/stats_error'))
     args = parser.parse_args(argv)
+    if args.stat_grad_subsample < 1:
+        raise ValueError(f'--stat-grad-subsample must be >= 1, got {args.stat_grad_subsample}')
     torch.set_num_threads(1)
     images, labels = load_digits_tensor()
     big = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.big]]
@@ -218,7 +226,8 @@ def main(argv=None):
         for k in args.ks:
             errs, truncs, biases = defaultdict(list), defaultdict(list), defaultdict(list)
             for seed in args.seeds:
-                e, t, b = run_one(k, lr, seed, args.steps, args.every, args.batch_size, images, labels, big)
+                e, t, b = run_one(k, lr, seed, args.steps, args.every, args.batch_size, images, labels, big,
+                                  args.stat_grad_subsample)
                 for merged, new in ((errs, e), (truncs, t), (biases, b)):
                     for key, v in new.items():
                         merged[key] += v

@@ -60,17 +60,24 @@ def test_study_tiny_run(tmp_path):
 
 def test_stats_error_tiny_run(tmp_path):
     out = tmp_path / 'stats'
-    result = detection_stats_error.main(['--ks', '3', '--lrs', '0.02', '--iters', '12', '--interval', '4', '--out',
-                                         str(out), '--data-root', str(tmp_path / 'data')])
+    result = detection_stats_error.main(['--ks', '3', '--lrs', '0.02', '--subsamples', '1', '2', '--iters', '12',
+                                         '--interval', '4', '--out', str(out), '--data-root', str(tmp_path / 'data')])
     with open(out / 'detection_stats_error.json') as f:
         saved = json.load(f)
     assert saved['runs'] == json.loads(json.dumps(result['runs']))
-    (run, ) = saved['runs']
-    assert run['k'] == 3 and run['measurements'] == 3 * 12  # iterations 4, 8, 12 (windows open at 2), 12 layers
-    for group in ('neck', 'roi_head', 'all'):
-        for est in detection_stats_error.ESTIMATORS:
-            err_mu, err_sd = run['error'][group][est]
-            assert math.isfinite(err_mu) and math.isfinite(err_sd) and err_mu > 0 and err_sd > 0
+    assert [(run['k'], run['subsample']) for run in saved['runs']] == [(3, 1), (3, 2)]
+    for run in saved['runs']:
+        assert run['measurements'] == 3 * 12  # iterations 4, 8, 12 (windows open at 2), 12 layers
+        for group in ('neck', 'roi_head', 'all'):
+            for est in detection_stats_error.ESTIMATORS:
+                err_mu, err_sd = run['error'][group][est]
+                assert math.isfinite(err_mu) and math.isfinite(err_sd) and err_mu > 0 and err_sd > 0
+    # the approximation is in the r=2 run's norm (neck and head), and only there
+    exact = Config.fromfile(str(out / 'k3_lr0.02' / 'runs' / 'cbn_seed0' / 'config.py'))
+    approx = Config.fromfile(str(out / 'k3_lr0.02_sub2' / 'runs' / 'cbn_seed0' / 'config.py'))
+    assert 'stat_grad_subsample' not in exact.model.neck.norm_cfg
+    assert approx.model.neck.norm_cfg.stat_grad_subsample == 2
+    assert approx.model.roi_head.bbox_head.norm_cfg.stat_grad_subsample == 2
     assert (out / 'detection_stats_error.png').stat().st_size > 1000
 
 
@@ -82,6 +89,8 @@ def test_stats_error_tiny_run(tmp_path):
     (detection_stats_error, ['--ks', '2', '0'], r'--ks must all be >= 1, got \[2, 0\]'),
     (detection_stats_error, ['--lrs', '0'], r'--lrs must all be > 0, got \[0.0\]'),
     (detection_stats_error, ['--interval', '0'], '--interval must be >= 1, got 0'),
+    (detection_stats_error, ['--subsamples', '1', '0'], r'--subsamples must all be >= 1, got \[1, 0\]'),
+    (detection_study, ['--stat-grad-subsample', '0'], '--stat-grad-subsample must be >= 1, got 0'),
 ])
 def test_bad_arguments_raise_before_any_run(tmp_path, tool, argv, match):
     with pytest.raises(ValueError, match=match):

@@ -3,6 +3,8 @@ import json
 import os.path as osp
 import sys
 
+import pytest
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
 
@@ -24,3 +26,16 @@ def test_tiny_run(tmp_path):
         assert all(v >= 0 for v in run['nu_bias'].values())  # d theta' S d theta >= 0
     for png in ('error_vs_k.png', 'error_over_training.png', 'truncation.png'):
         assert (tmp_path / png).stat().st_size > 1000
+
+
+def test_subsampled_run_and_bad_argument(tmp_path):
+    argv = ['--ks', '3', '--lrs', '0.05', '--seeds', '0', '--steps', '8', '--every', '4', '--big', '32']
+    exact = stats_error.main(argv + ['--out', str(tmp_path / 'exact')])
+    approx = stats_error.main(argv + ['--stat-grad-subsample', '2', '--out', str(tmp_path / 'approx')])
+    assert approx['settings']['stat_grad_subsample'] == 2
+    e, a = exact['runs'][0]['error'], approx['runs'][0]['error']
+    assert set(e) == set(a) and all(0 <= v < 10 for errs in a.values() for v in errs)
+    assert e['layer1/CBN'] != a['layer1/CBN']  # the layers were built with the approximation
+    with pytest.raises(ValueError, match='--stat-grad-subsample must be >= 1, got 0'):
+        stats_error.main(argv + ['--stat-grad-subsample', '0', '--out', str(tmp_path / 'bad')])
+    assert not (tmp_path / 'bad').exists()
