@@ -10,6 +10,12 @@ prints a table.
 
 The floor of exact CBN is one extra convolution weight-gradient per layer and iteration (``dnu/dW`` of Eq. 8 with
 grad_output ``2x/m``); everything else is O(C*C_in*K) or elementwise.
+
+On Linux the script re-executes itself with glibc's allocator told to keep freed memory (``STEADY_MALLOC``) unless
+``--system-malloc`` is given. With glibc's defaults every tensor above the mmap threshold is returned to the
+kernel when freed and faulted in again at its next use: about a million page faults per Faster R-CNN step here,
+10% of the step in kernel time, and the largest part of the step-to-step spread. Every variant runs under the same
+allocator. The peak-memory case always runs its child processes with the system defaults.
 """
 import argparse
 import json
@@ -79,6 +85,15 @@ class AuthorsCBN(nn.Module):
 
 
 # ----------------------------------------------------------------------------- timing
+# glibc: never serve allocations by mmap, never trim the heap: freed memory is reused without page faults
+STEADY_MALLOC = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2**60)}
+
+
+def allocator_settings() -> Dict[str, str]:
+    """The glibc allocator settings in force in this process (empty: the system defaults)."""
+    return {k: os.environ[k] for k in STEADY_MALLOC if k in os.environ}
+
+
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
@@ -144,7 +159,7 @@ def conv_norm_step(conv, norm, u, grad):
     return step
 
 
-def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=True):
+def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=True, subsample=0):
     torch.manual_seed(0)
     n, c, h, w = shape
     u = torch.randn(shape, device=device, requires_grad=True)
@@ -156,6 +171,9 @@ def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=T
         cases['GN'] = conv_norm_step(conv, nn.GroupNorm(32, c).to(device), u, grad)
     for k in windows:
         cases[f'CBN k={k}'] = conv_norm_step(conv, CrossIterationBatchNorm2d(c, window_size=k).to(device), u, grad)
+    if subsample > 1:  # the opt-in approximation of dnu/dW
+        cases[f'CBN k=4 r={subsample}'] = conv_norm_step(
+            conv, CrossIterationBatchNorm2d(c, window_size=4, stat_grad_subsample=subsample).to(device), u, grad)
     if naive:
         cases['Naive CBN k=4'] = conv_norm_step(conv, CrossIterationBatchNorm2d(c, window_size=4,
                                                                                compensate=False).to(device), u, grad)
@@ -187,7 +205,7 @@ def history_bytes(shape, k=4, device='cpu'):
 def run_layer(args, device):
     out = {}
     for shape in ((2, 256, 64, 64), (512, 256, 7, 7)):
-        times = interleaved(layer_cases(shape, device), args.reps, args.warmup, device)
+        times = interleaved(layer_cases(shape, device, subsample=args.subsample), args.reps, args.warmup, device)
         key = 'x'.join(map(str, shape))
         out[key] = dict(
             times={k: summary(v) for k, v in times.items()},
@@ -196,6 +214,9 @@ def run_layer(args, device):
             cbn_over_bn=paired(times, 'CBN k=4', 'BN'),
             authors_over_bn=paired(times, 'authors k=4', 'BN'),
             history=history_bytes(shape, device=device))
+        if args.subsample > 1:
+            out[key]['subsampled_minus_bn_over_floor'] = paired(times, f'CBN k=4 r={args.subsample}', 'BN',
+                                                                scale='floor: 1 weight-grad')
         print_layer(key, out[key])
     return out
 
@@ -221,7 +242,10 @@ def print_layer(key, r):
         print(f"  {name:<22}{1e3 * s['median']:9.1f} ms  [{1e3 * s['q1']:.1f}, {1e3 * s['q3']:.1f}]")
     for label, field in (('(CBN - BN) / floor', 'cbn_minus_bn_over_floor'),
                          ('(Naive - BN) / floor', 'naive_minus_bn_over_floor'), ('CBN / BN', 'cbn_over_bn'),
-                         ('authors / BN', 'authors_over_bn')):
+                         ('authors / BN', 'authors_over_bn'),
+                         ('(CBN r - BN) / floor', 'subsampled_minus_bn_over_floor')):
+        if field not in r:
+            continue
         s = r[field]
         print(f"  {label:<22}{s['median']:9.3f}     IQR [{s['q1']:.3f}, {s['q3']:.3f}]  "
               f"95% CI of median [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
@@ -380,11 +404,12 @@ def peak_memory_child(variant, device):
 
 def run_memory(args):
     out = {}
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}  # memory as users see it
     for variant in MODEL_VARIANTS:
         code = (f'import json, sys; sys.path.insert(0, {ROOT!r}); sys.path.insert(0, {osp.join(ROOT, "tools")!r});'
                 f'import benchmark; print("RESULT", json.dumps(benchmark.peak_memory_child({variant!r}, '
                 f'{args.device!r})))')
-        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT')]
         out[variant] = json.loads(line[-1][7:]) if line else dict(error=proc.stderr[-500:])
         print(f'[memory] {variant}: {out[variant]}')
@@ -397,6 +422,8 @@ def main(argv=None):
     parser.add_argument('--reps', type=int, default=15, help='repetitions of the layer cases (median)')
     parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
     parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--subsample', type=int, default=4,
+                        help="also time CBN with stat_grad_subsample=R in the layer case (1: skip)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--layer-threads', type=int, default=1,
                         help='torch CPU threads for the layer and window cases (1: steadier timings)')
@@ -406,12 +433,15 @@ def main(argv=None):
                         metavar='VARIANT', help=f'model variants to time (default: all of {MODEL_VARIANTS})')
     parser.add_argument('--no-model-infer', dest='model_infer', action='store_false',
                         help='skip the inference timing and the eval-output check in the model case')
+    parser.add_argument('--system-malloc', action='store_true',
+                        help='keep the allocator as it is (default when run as a script: STEADY_MALLOC)')
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/benchmark/benchmark.json'))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     result = dict(device=str(device), torch=torch.__version__,
-                  machine=platform.processor() or platform.machine(), cpus=os.cpu_count())
+                  machine=platform.processor() or platform.machine(), cpus=os.cpu_count(),
+                  malloc=allocator_settings() or 'system defaults')
     if device.type == 'cuda':
         result['gpu'] = torch.cuda.get_device_name(device)
     cases = args.cases.split(',')
@@ -434,5 +464,13 @@ def main(argv=None):
     return result
 
 
+def _reexec_with_steady_malloc() -> None:
+    """Restart this script with STEADY_MALLOC in the environment (glibc reads it at process start only)."""
+    if (sys.platform.startswith('linux') and '--system-malloc' not in sys.argv
+            and any(os.environ.get(k) != v for k, v in STEADY_MALLOC.items())):
+        os.execve(sys.executable, [sys.executable] + sys.argv, dict(os.environ, **STEADY_MALLOC))
+
+
 if __name__ == '__main__':
+    _reexec_with_steady_malloc()
     main()
