@@ -485,8 +485,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             else:
                 grads = conv_stat_grads(conv, x.detach(), mu_t, self.stat_grad_subsample)
                 p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, conv.weight.detach())
-                if not bool(torch.isfinite(grads.g_s).all() & torch.isfinite(p_s).all()
-                            & torch.isfinite(p_mu).all()):
+                # a non-finite entry of g_s (or g_mu) makes p_s (p_mu) non-finite: inf*w, inf*0 and nan*w all are
+                if not bool(torch.isfinite(p_s).all() & torch.isfinite(p_mu).all()):
                     return False
                 bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else torch.zeros_like(mu_t)
                 entry = dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s, bias=bias, m=m)

@@ -20,6 +20,7 @@ catastrophically in fp32 when ``|mu| >> std``. Every formula below is Eq. 7-11 r
 * the clamp ``nu >= mu^2`` of Eq. 10 is ``s >= 0``.
 * averaging (Eq. 9-11): ``mu_bar = mean(mu)``, ``var_bar = nu_bar - mu_bar^2 = mean(s) + mean((mu - mu_bar)^2)``.
 """
+import functools
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -27,9 +28,23 @@ from torch import Tensor
 from torch.nn.grad import conv2d_weight
 
 __all__ = [
-    'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'kernel_products',
+    'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'channel_dots',
+    'kernel_products',
     'compensate', 'window_moments', 'relative_stat_errors', 'cbn_normalize'
 ]
+
+
+def _autocast_off(fn: Callable) -> Callable:
+    """Run ``fn`` with autocast disabled on its tensors' device: the statistics' matrix products stay in the
+    statistics dtype (fp32/fp64) inside a mixed-precision forward."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a.device.type for a in args if isinstance(a, Tensor))
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -88,20 +103,41 @@ def subsample_plan(n: int, h: int, ratio: int) -> Tuple[str, int]:
     return 'all', 1
 
 
-def _mean_patch(u: Tensor, conv: 'ConvSpec', out_hw: Tuple[int, int], stride: Sequence[int], count: int) -> Tensor:
-    """``(1/count) sum_i patch_i`` over the output positions of a conv of ``u`` with ``stride``: (g, C_in/g, kh, kw)."""
-    groups = conv.groups
-    ones = u.new_ones((1, groups) + tuple(out_hw))  # (1, g, H', W')
-    g_mu = conv2d_weight(u.sum(0, keepdim=True), (groups, ) + tuple(conv.weight.shape[1:]), ones, stride,
-                         conv.padding, conv.dilation, groups)
-    return g_mu.div_(count)
+def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation: int, like: Tensor) -> Tensor:
+    """(k, size) 0/1 matrix along one axis: entry ``[a, r]`` is 1 when input row ``r`` is read by kernel tap ``a`` at
+    some output row (``r = i * stride + a * dilation - padding``; rows in the zero padding read nothing)."""
+    taps = (torch.arange(out, device=like.device) * stride - padding)[None, :] + (
+        torch.arange(k, device=like.device) * dilation)[:, None]  # (k, out)
+    tap_index = torch.arange(k, device=like.device)[:, None].expand(k, out)
+    valid = (taps >= 0) & (taps < size)
+    matrix = like.new_zeros(k, size)
+    matrix[tap_index[valid], taps[valid]] = 1  # one output row reads a given row at most once per tap
+    return matrix
 
 
+def _mean_patch(u: Tensor, conv: 'ConvSpec', out_hw: Sequence[int], stride: Sequence[int], count: int) -> Tensor:
+    """``(1/count) sum_i patch_i`` over the output positions of a conv of ``u`` with ``stride``: (g, C_in/g, kh, kw).
+
+    The patch sum separates into rows and columns: ``sum_i patch_i[c, a, b] = R_a^T U_c C_b`` with ``U_c`` the
+    batch-summed input channel and ``R`` (``C``) the rows (columns) each kernel tap reads (:func:`_tap_matrix`). So
+    it is one product of the input with a (W, kw) matrix, then small ones: a single read of ``u``, where a
+    weight-gradient against a ones map would build the (C_in * K, H * W) patch matrix.
+    """
+    n, c_in, h, w = u.shape
+    kh, kw = conv.weight.shape[2:]
+    rows = _tap_matrix(h, out_hw[0], kh, stride[0], conv.padding[0], conv.dilation[0], u)  # (kh, H)
+    cols = _tap_matrix(w, out_hw[1], kw, stride[1], conv.padding[1], conv.dilation[1], u)  # (kw, W)
+    by_col = (u.reshape(n, c_in * h, w) @ cols.t()).sum(0)  # (C_in * H, kw)
+    patch = torch.matmul(rows, by_col.view(c_in, h, kw))  # (kh, H) @ (C_in, H, kw) -> (C_in, kh, kw)
+    return patch.div_(count).view(conv.groups, c_in // conv.groups, kh, kw)
+
+
+@_autocast_off
 def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -> StatGrads:
     """``dmu/dW`` and ``ds/dW`` of the current iteration, in closed form (Appendix B, Eq. 13-15).
 
-    ``dmu_j/dW_j`` is the mean input patch: a weight-gradient of the batch-summed input against a ones map, with
-    one output channel per group, so it costs ``O(C_in * K * H * W)``. ``ds_j/dW_j`` is one full convolution
+    ``dmu_j/dW_j`` is the mean input patch, shared by the channels of a group; it costs one read of the input
+    (:func:`_mean_patch`). ``ds_j/dW_j`` is one full convolution
     weight-gradient with grad_output ``x``, centred afterwards on the kernel-sized result (``- 2 mu dmu/dW``); the
     ``2/m`` factor is applied to the small result, not to x.
 
@@ -138,11 +174,30 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
     # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
     # touches only this first-order term: s itself comes from batch_moments, centred.
     g_s = conv2d_weight(u, conv.weight.shape, x.to(dtype), stride, conv.padding, conv.dilation, groups)
-    g_s.mul_(2.0 / m)
-    g_s.sub_(patch.repeat_interleave(c // groups, dim=0).mul_(2 * mu.view(c, 1, 1, 1)))
+    # g_s = (2/m) g_s - 2 mu_j patch, one fused pass: a rank-1 update per group (C/g, 1) x (1, C_in/g * K)
+    g_s.view(groups, c // groups, -1).baddbmm_(mu.view(groups, c // groups, 1), patch.view(groups, 1, -1),
+                                               beta=2.0 / m, alpha=-2.0)
     return StatGrads(g_mu, g_s)
 
 
+def channel_dots(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel inner products ``sum_d a[..., c, d] * b[c, d]``: (..., C, D) and (C, D) -> (..., C).
+
+    Computed with torch's fused BN-backward reduction (``sum dy * (x - mean) * invstd`` over the positions, with
+    ``mean = 0`` and ``invstd = 1``): one pass over both tensors. ``einsum`` and ``bmm`` turn this into C tiny
+    matrix products and take about 4x as long on the CPU, which matters for the 1x1 convolutions of a backbone,
+    whose kernels are as large as their outputs.
+    """
+    c, d = b.shape
+    lead = a.shape[:-2]
+    rows = a.reshape(-1, c, d)
+    zeros, ones = b.new_zeros(c), b.new_ones(c)
+    out = [torch.ops.aten.native_batch_norm_backward(row.reshape(1, c, d), b.view(1, c, d), None, None, None, zeros,
+                                                     ones, True, 0.0, [False, True, False])[1] for row in rows]
+    return torch.stack(out).reshape(*lead, c)
+
+
+@_autocast_off
 def kernel_products(g_mu: Tensor, g_s: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel inner products ``<g_mu, W_j>`` and ``<g_s_j, W_j>`` for one or many iterations.
 
@@ -163,7 +218,7 @@ def kernel_products(g_mu: Tensor, g_s: Tensor, weight: Tensor) -> Tuple[Tensor, 
     w = weight.to(g_s.dtype)
     w_g = w.reshape(groups, c // groups, -1)  # (g, C/g, D)
     p_mu = torch.einsum('...gd,gcd->...gc', g_mu.reshape(*lead, groups, -1), w_g).reshape(*lead, c)
-    p_s = torch.einsum('...cd,cd->...c', g_s.reshape(*lead, c, -1), w.reshape(c, -1))
+    p_s = channel_dots(g_s.reshape(*lead, c, -1), w.reshape(c, -1))
     return p_mu, p_s
 
 

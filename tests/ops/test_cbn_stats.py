@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbn_mmdet.ops import ConvSpec, conv_stat_grads, subsample_plan
+from cbn_mmdet.ops import ConvSpec, channel_dots, conv_stat_grads, kernel_products, subsample_plan
 
 from ..models.test_cbn import CONV_VARIANTS as CONVS
 
@@ -59,3 +59,32 @@ def test_conv_stat_grads_match_autograd(variant, n, h, ratio, select):
         exact = conv_stat_grads(spec, x, mu).g_s
         assert not torch.allclose(grads.g_s, exact, rtol=1e-3, atol=1e-6)
         torch.testing.assert_close(grads.g_mu, conv_stat_grads(spec, x, mu).g_mu, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('lead', [(), (3, ), (2, 3)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_channel_dots(lead, dtype):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(*lead, 5, 7, generator=gen, dtype=dtype)
+    b = torch.randn(5, 7, generator=gen, dtype=dtype)
+    out = channel_dots(a, b)
+    assert out.shape == (*lead, 5) and out.dtype == dtype
+    torch.testing.assert_close(out, (a.double() * b.double()).sum(-1).to(dtype))
+    torch.testing.assert_close(channel_dots(a.transpose(-1, -2).contiguous().transpose(-1, -2), b), out)
+
+
+def test_autocast_does_not_lower_the_statistics_precision():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    u = torch.randn(2, 4, 9, 9)
+    x = conv(u).detach()
+    spec = ConvSpec(conv.weight.detach(), None, u, conv.stride, conv.padding, conv.dilation, conv.groups)
+    mu = x.mean((0, 2, 3))
+    exact = conv_stat_grads(spec, x, mu)
+    products = kernel_products(exact.g_mu, exact.g_s, spec.weight)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        mixed = conv_stat_grads(spec, x, mu)
+        mixed_products = kernel_products(mixed.g_mu, mixed.g_s, spec.weight)
+    for a, b in zip((*exact, *products), (*mixed, *mixed_products)):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
