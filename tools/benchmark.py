@@ -255,7 +255,7 @@ def print_layer(key, r):
 
 
 # ----------------------------------------------------------------------------- model case
-MODEL_VARIANTS = ('BN heads', 'GN heads', 'CBN heads', 'BN all', 'CBN all')
+MODEL_VARIANTS = ('BN heads', 'GN heads', 'CBN heads', 'CBN heads r=4', 'BN all', 'CBN all')
 
 
 def build_detector(variant, device):
@@ -268,6 +268,8 @@ def build_detector(variant, device):
     register_all_modules()
     norm = {'BN': dict(type='BN', requires_grad=True), 'GN': dict(type='GN', num_groups=32, requires_grad=True),
             'CBN': dict(type='CBN', window_size=4, requires_grad=True)}[variant.split()[0]]
+    if ' r=' in variant:  # the opt-in approximation of dnu/dW
+        norm['stat_grad_subsample'] = int(variant.split(' r=')[1])
     cfg = get_config('mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py').model
     cfg.backbone.init_cfg = None
     cfg.neck.norm_cfg = norm
@@ -357,6 +359,9 @@ def run_model(args, device):
         out[f'({v} - {bn}) / extra weight-grads'] = paired(times, f'train {v}', f'train {bn}',
                                                            scale=f'extra weight-grads {v}')
         out[f'{v} / {bn} (train)'] = paired(times, f'train {v}', f'train {bn}')
+    if {'CBN heads r=4', 'BN heads', 'CBN heads'} <= set(models):  # against the exact floor
+        out['(CBN heads r=4 - BN heads) / extra weight-grads'] = paired(
+            times, 'train CBN heads r=4', 'train BN heads', scale='extra weight-grads CBN heads')
     if {'GN heads', 'BN heads'} <= set(models):
         out['GN heads / BN heads (train)'] = paired(times, 'train GN heads', 'train BN heads')
     if infer:

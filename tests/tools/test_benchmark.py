@@ -48,3 +48,11 @@ def test_history_is_smaller_than_the_authors():
     h = benchmark.history_bytes((2, 16, 8, 8), k=4)
     assert h['kernel'] * 3 <= h['ours'] < h['kernel'] * 3 * 1.2  # (k-1) kernels + small terms
     assert h['authors'] == 3 * 3 * h['kernel'] + 2 * 3 * 16 * 4
+
+
+def test_model_variants_put_their_norm_where_they_say():
+    for variant, subsample in (('CBN heads', 1), ('CBN heads r=4', 4)):
+        model = benchmark.build_detector(variant, torch.device('cpu'))
+        cbn = {name: m for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)}
+        assert len(cbn) == 12 and all(name.startswith(('neck.', 'roi_head.')) for name in cbn)
+        assert {m.stat_grad_subsample for m in cbn.values()} == {subsample}
