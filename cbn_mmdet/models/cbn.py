@@ -180,9 +180,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensate (bool): Apply the Taylor compensation; ``False`` gives the paper's "Naive CBN". Default: True.
         stat_grad_subsample (int): An opt-in approximation of the one extra cost of exact CBN, the weight-gradient
             ``dnu/dW`` of Eq. 8: estimate it from every r-th RoI (inputs of at least ``8r`` samples) or else every
-            r-th row of the feature map, which cuts that weight-gradient to ``1/r``. ``dmu/dW`` and the current
-            statistics stay exact. ``1`` is exact CBN. See ``docs/analysis/subsample`` for its effect on the
-            statistics' error. Default: 1.
+            r-th row of the feature map (exact on maps of fewer than ``2r`` rows), which cuts that weight-gradient
+            to ``1/r``. ``dmu/dW`` and the current statistics stay exact. ``1`` is exact CBN. Its measured effect
+            on the statistics' error is in the README ("Opt-in approximation"). Default: 1.
 
     Example:
         >>> from mmcv.cnn import build_norm_layer
