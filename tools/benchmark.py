@@ -442,6 +442,8 @@ def main(argv=None):
                         help='keep the allocator as it is (default when run as a script: STEADY_MALLOC)')
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/benchmark/benchmark.json'))
     args = parser.parse_args(argv)
+    if args.subsample < 1:
+        parser.error(f'--subsample must be >= 1, got {args.subsample}')
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     result = dict(device=str(device), torch=torch.__version__,

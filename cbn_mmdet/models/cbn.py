@@ -35,6 +35,12 @@ def _check_window_size(window_size) -> Union[int, str]:
     return window_size
 
 
+def _check_subsample(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'stat_grad_subsample must be an int >= 1, got {value!r}')
+    return value
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread (checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
@@ -212,13 +218,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'momentum must be None or a number in [0, 1], got {momentum!r}')
         if not isinstance(compensate, bool):
             raise ValueError(f'compensate must be a bool, got {compensate!r}')
-        if (isinstance(stat_grad_subsample, bool) or not isinstance(stat_grad_subsample, int)
-                or stat_grad_subsample < 1):
-            raise ValueError(f'stat_grad_subsample must be an int >= 1, got {stat_grad_subsample!r}')
+        _check_subsample(stat_grad_subsample)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._window_size = _check_window_size(window_size)
         self.compensate = compensate
-        self.stat_grad_subsample = stat_grad_subsample
+        self._stat_grad_subsample = stat_grad_subsample
         self._window: Optional[_Window] = None
         # Iteration control. An unmanaged layer uses its window from the first iteration; CBNBurnInHook calls
         # begin_iteration() before every training iteration.
@@ -246,6 +250,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if value != self._window_size:
             self._window = None
         self._window_size = value
+
+    @property
+    def stat_grad_subsample(self) -> int:
+        return self._stat_grad_subsample
+
+    @stat_grad_subsample.setter
+    def stat_grad_subsample(self, value) -> None:
+        self._stat_grad_subsample = _check_subsample(value)  # takes effect at the next push; the window stays
 
     def extra_repr(self) -> str:
         mode = 'taylor' if self.compensate else 'naive'

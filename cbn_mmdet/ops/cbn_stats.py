@@ -29,8 +29,7 @@ from torch.nn.grad import conv2d_weight
 
 __all__ = [
     'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'channel_dots',
-    'kernel_products',
-    'compensate', 'window_moments', 'relative_stat_errors', 'cbn_normalize'
+    'kernel_products', 'compensate', 'window_moments', 'relative_stat_errors', 'cbn_normalize'
 ]
 
 
@@ -159,7 +158,7 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
     n, c, h, w = x.shape
     groups = conv.groups
     u = conv.input.to(dtype)
-    # d mu / dW: sum_i patch_i = patches of (sum_n u_n); one "output channel" per group   (Eq. 15)
+    # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
     g_mu = _mean_patch(u, conv, (h, w), conv.stride, n * h * w)  # -> (g, C_in/g, kh, kw)
     how, step = subsample_plan(n, h, subsample)
     stride = tuple(conv.stride)
@@ -191,6 +190,8 @@ def channel_dots(a: Tensor, b: Tensor) -> Tensor:
     c, d = b.shape
     lead = a.shape[:-2]
     rows = a.reshape(-1, c, d)
+    if rows.shape[0] == 0:
+        return a.new_zeros(*lead, c)
     zeros, ones = b.new_zeros(c), b.new_ones(c)
     out = [torch.ops.aten.native_batch_norm_backward(row.reshape(1, c, d), b.view(1, c, d), None, None, None, zeros,
                                                      ones, True, 0.0, [False, True, False])[1] for row in rows]

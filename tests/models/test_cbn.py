@@ -54,6 +54,10 @@ def test_window_size_setter_validates():
     layer = CBN(4)
     with pytest.raises(ValueError, match='window_size.*0'):
         layer.window_size = 0
+    with pytest.raises(ValueError, match='stat_grad_subsample.*0'):
+        layer.stat_grad_subsample = 0
+    layer.stat_grad_subsample = 3
+    assert layer.stat_grad_subsample == 3
 
 
 def test_not_4d_input():

@@ -61,7 +61,7 @@ def test_conv_stat_grads_match_autograd(variant, n, h, ratio, select):
         torch.testing.assert_close(grads.g_mu, conv_stat_grads(spec, x, mu).g_mu, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize('lead', [(), (3, ), (2, 3)])
+@pytest.mark.parametrize('lead', [(), (3, ), (2, 3), (0, )])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_channel_dots(lead, dtype):
     gen = torch.Generator().manual_seed(0)

@@ -2,6 +2,7 @@
 import os.path as osp
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -56,3 +57,9 @@ def test_model_variants_put_their_norm_where_they_say():
         cbn = {name: m for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)}
         assert len(cbn) == 12 and all(name.startswith(('neck.', 'roi_head.')) for name in cbn)
         assert {m.stat_grad_subsample for m in cbn.values()} == {subsample}
+
+
+def test_bad_subsample_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(['--subsample', '0'])
+    assert '--subsample must be >= 1, got 0' in capsys.readouterr().err
