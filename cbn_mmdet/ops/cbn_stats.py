@@ -114,20 +114,28 @@ def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation
     return matrix
 
 
-def _mean_patch(u: Tensor, conv: 'ConvSpec', out_hw: Sequence[int], stride: Sequence[int], count: int) -> Tensor:
-    """``(1/count) sum_i patch_i`` over the output positions of a conv of ``u`` with ``stride``: (g, C_in/g, kh, kw).
+def _column_sums(u: Tensor, conv: 'ConvSpec', out_w: int, stride_w: int) -> Tensor:
+    """``sum_n U_n C_b``: for every input row, the batch sum of what each kernel column tap ``b`` reads, over the
+    output columns: (C_in, H, kw). The one read of ``u`` behind :func:`_mean_patch`."""
+    n, c_in, h, w = u.shape
+    kw = conv.weight.shape[3]
+    cols = _tap_matrix(w, out_w, kw, stride_w, conv.padding[1], conv.dilation[1], u)  # (kw, W)
+    return (u.reshape(n, c_in * h, w) @ cols.t()).sum(0).view(c_in, h, kw)
+
+
+def _mean_patch(by_col: Tensor, conv: 'ConvSpec', out_h: int, stride_h: int, count: int) -> Tensor:
+    """``(1/count) sum_i patch_i`` over the output positions of a conv with row stride ``stride_h``:
+    (g, C_in/g, kh, kw).
 
     The patch sum separates into rows and columns: ``sum_i patch_i[c, a, b] = R_a^T U_c C_b`` with ``U_c`` the
-    batch-summed input channel and ``R`` (``C``) the rows (columns) each kernel tap reads (:func:`_tap_matrix`). So
-    it is one product of the input with a (W, kw) matrix, then small ones: a single read of ``u``, where a
-    weight-gradient against a ones map would build the (C_in * K, H * W) patch matrix.
+    batch-summed input channel and ``R`` (``C``) the rows (columns) each kernel tap reads (:func:`_tap_matrix`).
+    ``by_col`` is the column part (:func:`_column_sums`, a single read of the input); what remains here is small.
+    A weight-gradient against a ones map would instead build the (C_in * K, H * W) patch matrix.
     """
-    n, c_in, h, w = u.shape
-    kh, kw = conv.weight.shape[2:]
-    rows = _tap_matrix(h, out_hw[0], kh, stride[0], conv.padding[0], conv.dilation[0], u)  # (kh, H)
-    cols = _tap_matrix(w, out_hw[1], kw, stride[1], conv.padding[1], conv.dilation[1], u)  # (kw, W)
-    by_col = (u.reshape(n, c_in * h, w) @ cols.t()).sum(0)  # (C_in * H, kw)
-    patch = torch.matmul(rows, by_col.view(c_in, h, kw))  # (kh, H) @ (C_in, H, kw) -> (C_in, kh, kw)
+    c_in, h, kw = by_col.shape
+    kh = conv.weight.shape[2]
+    rows = _tap_matrix(h, out_h, kh, stride_h, conv.padding[0], conv.dilation[0], by_col)  # (kh, H)
+    patch = torch.matmul(rows, by_col)  # (kh, H) @ (C_in, H, kw) -> (C_in, kh, kw)
     return patch.div_(count).view(conv.groups, c_in // conv.groups, kh, kw)
 
 
@@ -159,16 +167,23 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
     groups = conv.groups
     u = conv.input.to(dtype)
     # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
-    g_mu = _mean_patch(u, conv, (h, w), conv.stride, n * h * w)  # -> (g, C_in/g, kh, kw)
+    by_col = _column_sums(u, conv, w, conv.stride[1])
+    g_mu = _mean_patch(by_col, conv, h, conv.stride[0], n * h * w)  # -> (g, C_in/g, kh, kw)
     how, step = subsample_plan(n, h, subsample)
     stride = tuple(conv.stride)
     if how == 'samples':
-        u, x = u[::step], x[::step]
+        u, x = u[::step].contiguous(), x[::step]
     elif how == 'rows':
         x = x[:, :, ::step]
         stride = (stride[0] * step, stride[1])  # output row i of this conv is row i*step of the original one
     m = x.shape[0] * x.shape[2] * x.shape[3]
-    patch = g_mu if how == 'all' else _mean_patch(u, conv, x.shape[2:], stride, m)  # mean patch over the subset
+    # the mean patch over the positions that enter ds/dW; a row subset reads the same columns
+    if how == 'all':
+        patch = g_mu
+    elif how == 'samples':
+        patch = _mean_patch(_column_sums(u, conv, w, stride[1]), conv, h, stride[0], m)
+    else:
+        patch = _mean_patch(by_col, conv, x.shape[2], stride[0], m)
     # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
     # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
     # touches only this first-order term: s itself comes from batch_moments, centred.
