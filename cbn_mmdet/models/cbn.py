@@ -12,12 +12,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.cbn_stats import (ConvSpec, batch_moments, cbn_normalize, compensate, conv_stat_grads,
-                             kernel_products, stat_dtype, window_moments)
+from ..ops.cbn_stats import (ConvSpec, HistoryGrad, batch_moments, cbn_normalize, compensate, conv_stat_grads,
+                             history_grad, kernel_products, window_moments)
 
 __all__ = ['CrossIterationBatchNorm2d', 'resolve_auto_window']
 
-_WINDOW_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm')
+_WINDOW_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm', 'w')
+BACKWARDS = ('exact', 'authors')
 
 
 def resolve_auto_window(images_per_gpu: int) -> int:
@@ -41,6 +42,12 @@ def _check_subsample(value) -> int:
     return value
 
 
+def _check_backward(value) -> str:
+    if value not in BACKWARDS:
+        raise ValueError(f'backward must be one of {BACKWARDS}, got {value!r}')
+    return value
+
+
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread (checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
@@ -61,7 +68,9 @@ class _Window:
     """The last ``capacity`` iterations of one layer, as a ring buffer of stacked tensors.
 
     Per stored iteration: ``g_s`` (one kernel-sized tensor), ``g_mu`` (one patch per group), and the per-channel
-    ``mu``, ``s``, ``p_mu = <g_mu, W_tau>``, ``p_s = <g_s, W_tau>``, the conv bias ``bias`` and the count ``m``.
+    ``mu``, ``s``, ``p_mu = <g_mu, W_tau>``, ``p_s = <g_s, W_tau>``, the conv bias ``bias``, the count ``m`` and the
+    weight ``w``: 1, or 0 for an iteration that was skipped because it was not finite (decided on the device, so
+    the host never waits for it). A skipped iteration's values are stored as zeros: no NaN enters the history.
     No copy of the kernel is kept.
     """
 
@@ -79,13 +88,15 @@ class _Window:
         return all(t[k] is not None and t[k].shape[1:] == v.shape and t[k].dtype == v.dtype
                    for k, v in entry.items()) and all(t[k] is None for k in t if k not in entry)
 
-    def push(self, entry: Dict[str, Optional[Tensor]]) -> None:
+    def push(self, entry: Dict[str, Tensor], ok: Tensor) -> None:
+        """Store ``entry`` in the next slot; where ``ok`` (a device bool) is False, store zeros with weight 0."""
         t = self.tensors
         if t['mu'] is None:
             for key, value in entry.items():
                 t[key] = value.new_zeros((self.capacity, ) + tuple(value.shape))
+        zero = entry['mu'].new_zeros(())
         for key, value in entry.items():
-            t[key][self.next].copy_(value)
+            torch.where(ok, value, zero, out=t[key][self.next])  # one pass, as a copy would be
         self.next = (self.next + 1) % self.capacity
         self.count = min(self.count + 1, self.capacity)
 
@@ -99,12 +110,32 @@ class _Window:
                 self.tensors[key] = fn(value).to(value.dtype)
 
 
-class _Replay(NamedTuple):
-    mu_t: Tensor
+class _Stats(NamedTuple):
+    """What one training forward normalized with."""
     mu_bar: Tensor
     var_bar: Tensor
-    n_iters: int
+    n_iters: Union[int, Tensor]  # iterations averaged, the current one included (a tensor when weights apply)
+    m_total: Union[int, Tensor]  # values averaged
+    hist: Optional[HistoryGrad]  # the exact backward's history terms, or None
+
+
+class _Replay(NamedTuple):
+    mu_t: Tensor
+    stats: _Stats
     pushed: bool
+
+    # the stats hook and the analysis tools read these
+    @property
+    def mu_bar(self) -> Tensor:
+        return self.stats.mu_bar
+
+    @property
+    def var_bar(self) -> Tensor:
+        return self.stats.var_bar
+
+    @property
+    def n_iters(self) -> Union[int, Tensor]:
+        return self.stats.n_iters
 
 
 class _BackwardFlag:
@@ -143,9 +174,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     Choices made where the paper is silent:
 
-    * **Gradients** reach ``x`` (and through it the conv and earlier layers) only through the current
-      iteration's :math:`\mu_t, \nu_t`; the history and the compensation terms, including the :math:`\theta_t`
-      inside them, are constants. This is the authors' released behaviour.
+    * **Gradients** (``backward``): the compensated statistics of Eq. 7-8 are functions of the current kernel
+      :math:`\theta_t`. ``'exact'`` differentiates the forward through them too: the conv's kernel and bias get
+      the derivative of the window statistics through the compensation (Sec. 3.3 fixes the earlier iterations'
+      inputs and weights, not :math:`\theta_t`). This keeps BN's property that the kernel gradient is orthogonal
+      to the kernel (the forward is scale-invariant in :math:`\theta_t`) and gives the conv bias BN's zero
+      gradient up to the compensation's first-order error. ``'authors'`` treats the history and the
+      compensation terms, :math:`\theta_t` included, as constants, as the authors' release does (``weight.data``).
+      Both send gradients to ``x`` through the current iteration's :math:`\mu_t, \nu_t` alone.
     * **Numerics**: the layer carries the centred moment :math:`s = \nu - \mu^2` per iteration, which is Eq. 8-11
       in exact arithmetic but does not cancel in fp32 when :math:`|\mu| \gg \sigma`. Statistics are fp32 for
       fp16/bf16/fp32 input and fp64 for fp64 input.
@@ -157,13 +193,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     * **Iterations**: with :class:`~cbn_mmdet.engine.CBNBurnInHook` the hook marks iterations. Without it a new
       iteration begins at a training forward when, since the previous one, a backward pass ran through the layer
       or the conv's kernel changed. A second forward in the same iteration (a layer shared between FPN levels)
-      raises an error naming the layer. Empty (N=0) and non-finite calls do not count.
+      raises an error naming the layer. Empty (N=0) calls do not count; a non-finite call does (see below).
     * **Gradient checkpointing** (mmdet's ``with_cp=True``): the recomputation during backward replays the
       statistics of the first forward and pushes the iteration once. A first forward without a graph
       (reentrant checkpointing) compensates with the kernel seen at the previous iteration and pushes the
       iteration at the recomputation.
     * **Non-finite statistics**: such an iteration is normalized with its own statistics (as BN would), and
-      enters neither the window nor the running statistics.
+      enters neither the averages nor the running statistics: it takes a window slot with weight 0, stored as
+      zeros. A non-finite compensation (a diverged kernel) falls back to the current batch's statistics. Both are
+      decided on the device with ``torch.where``: a training iteration never waits on the host.
 
     Note:
         The running statistics follow an exponential moving average (``momentum``; cumulative when ``None``) of
@@ -189,6 +227,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             r-th row of the feature map (exact on maps of fewer than ``2r`` rows), which cuts that weight-gradient
             to ``1/r``. ``dmu/dW`` and the current statistics stay exact. ``1`` is exact CBN. Its measured effect
             on the statistics' error is in the README ("Opt-in approximation"). Default: 1.
+        backward (str): ``'exact'``, the derivative of the forward through the compensation's dependence on the
+            current kernel, or ``'authors'``, the authors' released backward (history constant). Why the default
+            is what it is: README, "Which backward". Default: ``'exact'``.
 
     Example:
         >>> from mmcv.cnn import build_norm_layer
@@ -207,6 +248,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  window_size: Union[int, str] = 4,
                  compensate: bool = True,
                  stat_grad_subsample: int = 1,
+                 backward: str = 'exact',
                  device=None,
                  dtype=None):
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
@@ -219,10 +261,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if not isinstance(compensate, bool):
             raise ValueError(f'compensate must be a bool, got {compensate!r}')
         _check_subsample(stat_grad_subsample)
+        _check_backward(backward)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._window_size = _check_window_size(window_size)
         self.compensate = compensate
         self._stat_grad_subsample = stat_grad_subsample
+        self._backward = backward
         self._window: Optional[_Window] = None
         # Iteration control. An unmanaged layer uses its window from the first iteration; CBNBurnInHook calls
         # begin_iteration() before every training iteration.
@@ -237,6 +281,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._replay: Optional[_Replay] = None
         self._conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # kernel and bias of the last push
         self._warned = False
+        # analysis only (tools/analysis/classification_study.py): the backward counts the batch's m values, not the
+        # window's n*m, to tell the count's effect apart from the statistics'
+        self._probe_batch_count = False
         self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
 
     # ------------------------------------------------------------------ configuration
@@ -259,10 +306,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def stat_grad_subsample(self, value) -> None:
         self._stat_grad_subsample = _check_subsample(value)  # takes effect at the next push; the window stays
 
+    @property
+    def backward(self) -> str:
+        return self._backward
+
+    @backward.setter
+    def backward(self, value) -> None:
+        self._backward = _check_backward(value)  # takes effect at the next forward
+
     def extra_repr(self) -> str:
         mode = 'taylor' if self.compensate else 'naive'
         sub = f', stat_grad_subsample={self.stat_grad_subsample}' if self.stat_grad_subsample != 1 else ''
-        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{sub}'
+        back = f', backward={self.backward!r}' if self.compensate else ''
+        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{back}{sub}'
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -320,6 +376,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         for key in _WINDOW_KEYS:
             if tensors.get(key) is not None:
                 window.tensors[key] = tensors[key].to(device).clone()
+        if window.tensors['w'] is None:  # written before skipped iterations had weights: every slot counted
+            window.tensors['w'] = torch.ones_like(window.tensors['m'])
         window.count, window.next = int(state['count']), int(state['next'])
         self._window = window
 
@@ -404,11 +462,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         k = self._active_k()
         with torch.no_grad():  # the statistics' gradients are folded into cbn_normalize's backward
             mu_t, s_t = batch_moments(x)
-        if not bool(torch.isfinite(mu_t).all() & torch.isfinite(s_t).all()):
-            # Non-finite batch: normalize with its own statistics, keep it out of every state.
-            return cbn_normalize(x, self.weight, self.bias, mu_t, s_t, 1, self.eps)
+            # a device bool, never read on the host: a non-finite batch is normalized with its own statistics and
+            # enters neither the averages nor the running statistics, through torch.where and zero weights
+            finite = torch.isfinite(mu_t).all() & torch.isfinite(s_t).all()
         if self._replay is not None and _in_backward():
-            return self._replay_forward(x, mu_t, s_t)
+            return self._replay_forward(x, mu_t, s_t, finite)
 
         windowed = k > 1 and (self._use_window or self._collect)
         conv, why = self._find_conv(x) if windowed else (None, '')
@@ -421,14 +479,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         use_window = windowed and self._use_window
         window = self._window if use_window else None
         with torch.no_grad():
-            mu_bar, var_bar, n_iters, m_total = self._window_stats(x, mu_t, s_t, conv, window)
-        y = cbn_normalize(x, self.weight, self.bias, mu_bar, var_bar, n_iters, self.eps, self._flag)
-        self._update_running_stats(mu_bar, var_bar, m_total)
+            stats = self._window_stats(x, mu_t, s_t, finite, conv, window)
+        y = self._normalize(x, stats, conv)
+        self._update_running_stats(stats, finite)
         pushed = False
         if windowed and self._collect and conv is not None:
-            pushed = self._push(conv, x, mu_t, s_t)
-        self._replay = _Replay(mu_t, mu_bar, var_bar, n_iters, pushed or not (windowed and self._collect))
+            pushed = self._push(conv, x, mu_t, s_t, finite)
+        self._replay = _Replay(mu_t, stats, pushed or not (windowed and self._collect))
         return y
+
+    def _normalize(self, x: Tensor, stats: _Stats, conv: Optional[ConvSpec]) -> Tensor:
+        kernel = conv_bias = None
+        if stats.hist is not None and conv is not None:
+            kernel, conv_bias = conv.weight, conv.bias
+        # the count-m probe (analysis only): the x-gradient as if the window statistics were this batch's own
+        n_iters = 1 if self._probe_batch_count else stats.n_iters
+        return cbn_normalize(x, self.weight, self.bias, stats.mu_bar, stats.var_bar, n_iters, self.eps,
+                             self._flag, kernel, conv_bias, stats.hist if kernel is not None else None)
 
     def _begin_call(self, conv: Optional[ConvSpec]) -> None:
         """Advance the iteration, or raise if this layer already ran in the current one."""
@@ -449,80 +516,107 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._last_version = version
         self._replay = None
 
-    def _window_stats(self, x, mu_t, s_t, conv, window):
-        """Eq. 7-11 over the window; returns mu_bar, var_bar, the iterations averaged and the values averaged."""
+    def _window_stats(self, x, mu_t, s_t, finite, conv, window) -> _Stats:
+        """Eq. 7-11 over the window: what this batch is normalized with, and the exact backward's history terms."""
         m = x.numel() // x.shape[1]
         if window is None or window.count == 0:
             if m == 1:
                 raise ValueError(f'Expected more than 1 value per channel when training, got input size '
                                  f'{list(x.shape)} (an empty CBN window behaves as BN)')
-            return mu_t, s_t, 1, m
+            return _Stats(mu_t, s_t, 1, m, None)
         h = window.view()
         if self.compensate and h['g_s'] is None:  # collected as Naive CBN: nothing to compensate with
             self._window = None
-            return self._window_stats(x, mu_t, s_t, conv, None)
+            return self._window_stats(x, mu_t, s_t, finite, conv, None)
+        comp = None
         if self.compensate:
             params = (conv.weight, conv.bias) if conv is not None else self._conv_params
             if params is None:  # a forward without graph, before any forward with one: nothing to compensate to
                 self._warn_once('it got an input without graph before it knew its convolution')
-                return mu_t, s_t, 1, m
+                return _Stats(mu_t, s_t, 1, m, None)
             kernel, bias = params
-            mu_c, s_c = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'],
-                                   kernel.detach(), None if bias is None else bias.detach())
-            if not bool(torch.isfinite(mu_c).all() & torch.isfinite(s_c).all()):
-                self._warn_once('its compensated window is not finite (the kernel diverged)')
-                return mu_t, s_t, 1, m
+            comp = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'],
+                              kernel.detach(), None if bias is None else bias.detach())
+            comp_ok = torch.isfinite(comp.mu).all() & torch.isfinite(comp.s).all()
+            comp = comp._replace(mu=torch.where(comp_ok, comp.mu, 0), s=torch.where(comp_ok, comp.s, 0),
+                                 d_mu=torch.where(comp_ok, comp.d_mu, 0))
+            mu_c, s_c = comp.mu, comp.s
         else:
             mu_c, s_c = h['mu'], h['s']
-        mu_bar, var_bar = window_moments(torch.cat([mu_t[None], mu_c]), torch.cat([s_t[None], s_c]))
-        return mu_bar, var_bar, 1 + window.count, m + int(h['m'].sum().item())
+        mu_bar, var_bar = window_moments(torch.cat([mu_t[None], mu_c]), torch.cat([s_t[None], s_c]),
+                                         torch.cat([h['w'].new_ones(1), h['w']]))
+        # Decided on the device: a non-finite batch averages nothing else in, and a diverged kernel (a non-finite
+        # compensation, or averages that overflow) falls back to the batch's own statistics.
+        ok = finite & torch.isfinite(mu_bar).all() & torch.isfinite(var_bar).all()
+        if comp is not None:
+            ok = ok & comp_ok
+        weight = h['w'] * ok
+        n = 1 + weight.sum()
+        mu_bar, var_bar = torch.where(ok, mu_bar, mu_t), torch.where(ok, var_bar, s_t)
+        m_total = m + (weight * h['m']).sum()
+        hist = None
+        if comp is not None and self.backward == 'exact' and any(p is not None and p.requires_grad for p in params):
+            hist = history_grad(comp, mu_bar, h['g_mu'], h['g_s'], weight, n)
+        return _Stats(mu_bar, var_bar, n, m_total, hist)
 
-    def _update_running_stats(self, mu_bar: Tensor, var_bar: Tensor, m_total: int) -> None:
+    def _update_running_stats(self, stats: _Stats, finite: Tensor) -> None:
         if not self.track_running_stats:
             return
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         with torch.no_grad():
-            unbiased = var_bar * (m_total / (m_total - 1)) if m_total > 1 else var_bar
-            self.running_mean.mul_(1 - factor).add_(mu_bar.to(self.running_mean.dtype), alpha=factor)
-            self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+            self.num_batches_tracked.add_(finite)  # a non-finite batch is not counted (BN counts every batch)
+            if self.momentum is None:  # cumulative average, on the device
+                factor = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+            else:
+                factor = self.momentum
+            m_total = stats.m_total
+            if isinstance(m_total, Tensor):
+                unbiased = stats.var_bar * torch.where(m_total > 1, m_total / (m_total - 1), 1)
+            else:
+                unbiased = stats.var_bar * (m_total / (m_total - 1)) if m_total > 1 else stats.var_bar
+            for buf, new in ((self.running_mean, stats.mu_bar), (self.running_var, unbiased)):
+                buf.copy_(torch.where(finite, buf * (1 - factor) + new.to(buf.dtype) * factor, buf))
 
-    def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor) -> bool:
-        """Store this iteration in the window, with its statistics' kernel gradients (Appendix B) if compensating."""
+    def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor) -> bool:
+        """Store this iteration in the window, with its statistics' kernel gradients (Appendix B) if compensating.
+        A non-finite iteration takes a slot with weight 0 (decided on the device)."""
         capacity = self._active_k() - 1
-        m = mu_t.new_tensor(float(x.numel() // x.shape[1]))
         with torch.no_grad():
+            m = torch.full((), float(x.numel() // x.shape[1]), dtype=mu_t.dtype, device=mu_t.device)
             if not self.compensate:  # Naive CBN needs no gradient
                 entry = dict(mu=mu_t, s=s_t, m=m)
+                ok = finite
             else:
                 grads = conv_stat_grads(conv, x.detach(), mu_t, self.stat_grad_subsample)
                 p_mu, p_s = kernel_products(grads.g_mu, grads.g_s, conv.weight.detach())
                 # a non-finite entry of g_s (or g_mu) makes p_s (p_mu) non-finite: inf*w, inf*0 and nan*w all are
-                if not bool(torch.isfinite(p_s).all() & torch.isfinite(p_mu).all()):
-                    return False
+                ok = finite & torch.isfinite(p_s).all() & torch.isfinite(p_mu).all()
                 bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else torch.zeros_like(mu_t)
                 entry = dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s, bias=bias, m=m)
+            entry['w'] = ok.to(mu_t.dtype)
             window = self._window
             if window is None or not window.accepts(entry, capacity):
                 window = self._window = _Window(capacity)
-            window.push(entry)
+            window.push(entry, ok)
         self._conv_params = (conv.weight, conv.bias)
         return True
 
-    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor) -> Tensor:
+    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor) -> Tensor:
         """A checkpoint recomputation: the same statistics as the first forward, and at most one push."""
         replay = self._replay
-        if not torch.allclose(mu_t, replay.mu_t, rtol=1e-4, atol=1e-6):
-            raise RuntimeError(f'{self._describe()}: a forward during backward (gradient checkpointing) saw a '
-                               'different input from the first forward of this iteration; cannot replay its '
-                               'statistics.')
-        y = cbn_normalize(x, self.weight, self.bias, replay.mu_bar, replay.var_bar, replay.n_iters, self.eps,
-                          self._flag)
-        if not replay.pushed:
+        # checked on the device (an asynchronous assert), not by reading a bool on the host
+        torch._assert_async(torch.isclose(mu_t, replay.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all(),
+                            f"{type(self).__name__} '{self.module_path or '?'}': a forward during backward (gradient checkpointing) "
+                            'saw a different '
+                            'input from the first forward of this iteration; cannot replay its statistics.')
+        stats = replay.stats
+        conv = None
+        if stats.hist is not None or not replay.pushed:
             conv, why = self._find_conv(x)
-            if conv is None:
+            if conv is None and not replay.pushed:
                 self._warn_once(f'cannot collect its window because {why}')
-            else:
-                self._push(conv, x, mu_t, s_t)
+        y = self._normalize(x, stats, conv)
+        if not replay.pushed:
+            if conv is not None:
+                self._push(conv, x, mu_t, s_t, finite)
             self._replay = replay._replace(pushed=True)
         return y

@@ -21,7 +21,7 @@ catastrophically in fp32 when ``|mu| >> std``. Every formula below is Eq. 7-11 r
 * averaging (Eq. 9-11): ``mu_bar = mean(mu)``, ``var_bar = nu_bar - mu_bar^2 = mean(s) + mean((mu - mu_bar)^2)``.
 """
 import functools
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -29,7 +29,8 @@ from torch.nn.grad import conv2d_weight
 
 __all__ = [
     'stat_dtype', 'batch_moments', 'ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'channel_dots',
-    'kernel_products', 'compensate', 'window_moments', 'relative_stat_errors', 'cbn_normalize'
+    'kernel_products', 'Compensated', 'compensate', 'window_moments', 'HistoryGrad', 'history_grad',
+    'relative_stat_errors', 'cbn_normalize'
 ]
 
 
@@ -102,16 +103,21 @@ def subsample_plan(n: int, h: int, ratio: int) -> Tuple[str, int]:
     return 'all', 1
 
 
+@functools.lru_cache(maxsize=512)
+def _tap_matrix_cached(size: int, out: int, k: int, stride: int, padding: int, dilation: int, dtype: torch.dtype,
+                       device: torch.device) -> Tensor:
+    rows = torch.arange(size, device=device)
+    taps = torch.arange(out, device=device)[None, :] * stride - padding + (
+        torch.arange(k, device=device) * dilation)[:, None]  # (k, out): the input row tap a reads at output row i
+    # a comparison instead of boolean-mask indexing: no data-dependent shape, so no device-to-host copy
+    return (taps[:, :, None] == rows).any(1).to(dtype)  # (k, size)
+
+
 def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation: int, like: Tensor) -> Tensor:
     """(k, size) 0/1 matrix along one axis: entry ``[a, r]`` is 1 when input row ``r`` is read by kernel tap ``a`` at
-    some output row (``r = i * stride + a * dilation - padding``; rows in the zero padding read nothing)."""
-    taps = (torch.arange(out, device=like.device) * stride - padding)[None, :] + (
-        torch.arange(k, device=like.device) * dilation)[:, None]  # (k, out)
-    tap_index = torch.arange(k, device=like.device)[:, None].expand(k, out)
-    valid = (taps >= 0) & (taps < size)
-    matrix = like.new_zeros(k, size)
-    matrix[tap_index[valid], taps[valid]] = 1  # one output row reads a given row at most once per tap
-    return matrix
+    some output row (``r = i * stride + a * dilation - padding``; rows in the zero padding read nothing).
+    Cached per shape, dtype and device: a detection model sees a handful of map sizes."""
+    return _tap_matrix_cached(size, out, k, stride, padding, dilation, like.dtype, like.device)
 
 
 def _column_sums(u: Tensor, conv: 'ConvSpec', out_w: int, stride_w: int) -> Tensor:
@@ -187,7 +193,9 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
     # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
     # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
     # touches only this first-order term: s itself comes from batch_moments, centred.
-    g_s = conv2d_weight(u, conv.weight.shape, x.to(dtype), stride, conv.padding, conv.dilation, groups)
+    # a channels_last input gives a channels_last weight-gradient: made contiguous (a no-op otherwise) for the view
+    g_s = conv2d_weight(u, conv.weight.shape, x.to(dtype), stride, conv.padding, conv.dilation,
+                        groups).contiguous()
     # g_s = (2/m) g_s - 2 mu_j patch, one fused pass: a rank-1 update per group (C/g, 1) x (1, C_in/g * K)
     g_s.view(groups, c // groups, -1).baddbmm_(mu.view(groups, c // groups, 1), patch.view(groups, 1, -1),
                                                beta=2.0 / m, alpha=-2.0)
@@ -208,7 +216,8 @@ def channel_dots(a: Tensor, b: Tensor) -> Tensor:
     if rows.shape[0] == 0:
         return a.new_zeros(*lead, c)
     zeros, ones = b.new_zeros(c), b.new_ones(c)
-    out = [torch.ops.aten.native_batch_norm_backward(row.reshape(1, c, d), b.view(1, c, d), None, None, None, zeros,
+    # weight=ones, not None: CUDA's reduce path allocates the weight-gradient with the weight's options
+    out = [torch.ops.aten.native_batch_norm_backward(row.reshape(1, c, d), b.view(1, c, d), ones, None, None, zeros,
                                                      ones, True, 0.0, [False, True, False])[1] for row in rows]
     return torch.stack(out).reshape(*lead, c)
 
@@ -238,8 +247,16 @@ def kernel_products(g_mu: Tensor, g_s: Tensor, weight: Tensor) -> Tuple[Tensor, 
     return p_mu, p_s
 
 
+class Compensated(NamedTuple):
+    """Past statistics moved to the current kernel (Eq. 7-8, 10), with what their exact derivative needs."""
+    mu: Tensor  # (T, C) mu_tau(theta_t)
+    s: Tensor  # (T, C) s_tau(theta_t) >= 0
+    d_mu: Tensor  # (T, C) the mean's compensation delta = <dmu/dW, W_t - W_tau> + (b_t - b_tau)
+    inside: Tensor  # (T, C) bool: Eq. 10's clamp inactive (s_tau(theta_t) > 0 before the clamp)
+
+
 def compensate(mu: Tensor, s: Tensor, g_mu: Tensor, g_s: Tensor, p_mu: Tensor, p_s: Tensor,
-               bias: Optional[Tensor], weight_t: Tensor, bias_t: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+               bias: Optional[Tensor], weight_t: Tensor, bias_t: Optional[Tensor]) -> Compensated:
     """Move past iterations' statistics to the current kernel by a first-order Taylor term (Eq. 7-8, 10).
 
     Args:
@@ -250,7 +267,7 @@ def compensate(mu: Tensor, s: Tensor, g_mu: Tensor, g_s: Tensor, p_mu: Tensor, p
         weight_t (Tensor): (C, C_in/g, kh, kw), the current kernel. bias_t (Tensor | None): (C,).
 
     Returns:
-        tuple[Tensor, Tensor]: compensated ``mu_tau(theta_t)`` and ``s_tau(theta_t) >= 0``, each (T, C).
+        Compensated: ``mu_tau(theta_t)``, ``s_tau(theta_t) >= 0``, the mean's delta and the clamp mask.
     """
     q_mu, q_s = kernel_products(g_mu, g_s, weight_t)  # (T, C): <g, W_t>
     d_mu = q_mu - p_mu  # <dmu/dW, W_t - W_tau>                     (Eq. 7)
@@ -258,23 +275,82 @@ def compensate(mu: Tensor, s: Tensor, g_mu: Tensor, g_s: Tensor, p_mu: Tensor, p
         d_mu = d_mu + (bias_t.to(mu.dtype) - bias)  # dmu/db = 1
     mu_c = mu + d_mu
     # nu_tau(t) - mu_tau(t)^2 with nu from Eq. 8, clamped at 0 (Eq. 10: nu >= mu^2)
-    s_c = (s + (q_s - p_s) - d_mu * d_mu).clamp_(min=0)
-    return mu_c, s_c
+    s_c = s + (q_s - p_s) - d_mu * d_mu
+    inside = s_c > 0
+    return Compensated(mu_c, s_c.clamp_(min=0), d_mu, inside)
 
 
-def window_moments(mu: Tensor, s: Tensor) -> Tuple[Tensor, Tensor]:
+def window_moments(mu: Tensor, s: Tensor, weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Average a window's (compensated) statistics, current iteration included (Eq. 9-11).
 
     Args:
         mu, s (Tensor): (T, C), one row per iteration of the window.
+        weight (Tensor, optional): (T,) per-row weights (1 for an iteration that counts, 0 for a skipped one);
+            all ones by default. Rows of weight 0 must be finite: they are multiplied, not masked.
 
     Returns:
         tuple[Tensor, Tensor]: ``mu_bar`` (C,) and ``var_bar = nu_bar - mu_bar^2 >= 0`` (C,).
     """
-    mu_bar = mu.mean(0)  # (T, C) -> (C,)                                (Eq. 9)
-    spread = (mu - mu_bar).square_().mean(0)  # mean(mu^2) - mu_bar^2, without cancellation
-    var_bar = s.mean(0) + spread  # nu_bar - mu_bar^2                     (Eq. 10-11)
-    return mu_bar, var_bar
+    if weight is None:
+        mu_bar = mu.mean(0)  # (T, C) -> (C,)                                (Eq. 9)
+        spread = (mu - mu_bar).square_().mean(0)  # mean(mu^2) - mu_bar^2, without cancellation
+        return mu_bar, s.mean(0) + spread  # nu_bar - mu_bar^2              (Eq. 10-11)
+    w = weight.to(mu.dtype)[:, None]
+    n = w.sum()
+    mu_bar = (w * mu).sum(0) / n
+    spread = (w * (mu - mu_bar).square_()).sum(0) / n
+    return mu_bar, (w * s).sum(0) / n + spread
+
+
+class HistoryGrad(NamedTuple):
+    """What the exact backward needs of the window, reduced in the forward (the window may change afterwards).
+
+    With ``a = dL/dmu_bar`` and ``c = dL/dvar_bar`` (per channel, known only in the backward), the kernel's gradient
+    through the compensated history is ``a_j * mean_patch[g(j)] + c_j * var_kernel[j]``, and the conv bias's
+    ``a_j * mean_bias + c_j * var_bias[j]`` (see :func:`history_grad`).
+    """
+    mean_patch: Tensor  # (g, C_in/g * kh * kw): sum_tau (w_tau/n) P_tau
+    var_kernel: Tensor  # (C, C_in/g * kh * kw)
+    mean_bias: Tensor  # (): sum_tau w_tau / n
+    var_bias: Tensor  # (C,)
+
+
+def history_grad(comp: Compensated, mu_bar: Tensor, g_mu: Tensor, g_s: Tensor, weight: Tensor,
+                 n: Tensor) -> HistoryGrad:
+    """The derivative of the window statistics w.r.t. the current kernel through the compensation (Eq. 7-11).
+
+    Every compensated statistic is a function of theta_t: ``dmu_tau/dW = P_tau`` and, where Eq. 10's clamp is
+    inactive, ``ds_tau/dW = G_tau - 2 delta_tau P_tau``. With ``mu_bar = (1/n) sum w mu`` and
+    ``var_bar = (1/n) sum w (s + (mu - mu_bar)^2)`` (the current row included, weight 1),
+    ``dmu_bar/dmu_tau = w_tau/n``, ``dvar_bar/dmu_tau = 2 w_tau (mu_tau - mu_bar)/n`` and
+    ``dvar_bar/ds_tau = w_tau/n``. Hence, per channel j,
+
+        dL/dW_j = sum_tau alpha_tau,j P_tau,g(j) + beta_tau,j G_tau,j,
+        alpha = (w/n) (a + 2c (mu_tau - mu_bar) - 2c [inside] delta_tau),   beta = (w/n) c [inside],
+
+    and ``dL/db_j = sum_tau alpha_tau,j``. Both are linear in ``(a, c)``: this returns their coefficients, so the
+    backward costs one kernel-sized pass. Cost here: O(T * C * C_in/g * kh * kw), no convolution.
+
+    Args:
+        comp (Compensated): the window's compensated statistics (T rows).
+        mu_bar (Tensor): (C,) the window mean, current iteration included.
+        g_mu (Tensor): (T, g, C_in/g, kh, kw) and g_s (Tensor): (T, C, C_in/g, kh, kw): P and G.
+        weight (Tensor): (T,) the rows' weights (0 for skipped iterations). n (Tensor): ``1 + sum(weight)``.
+    """
+    t, groups = g_mu.shape[0], g_mu.shape[1]
+    c = g_s.shape[1]
+    scale = (weight.to(mu_bar.dtype) / n)[:, None]  # (T, 1): w_tau / n
+    inside = comp.inside.to(mu_bar.dtype)
+    # (T, C): alpha without a, and beta without c. A row of weight 0 may hold a huge finite fallback value:
+    # torch.where, not a product, keeps 0 * inf out
+    coef_p = torch.where(scale > 0, scale * 2 * ((comp.mu - mu_bar) - inside * comp.d_mu), 0)
+    coef_g = scale * inside
+    patches = g_mu.reshape(t, groups, -1)  # (T, g, D)
+    mean_patch = (scale[:, :, None] * patches).sum(0)  # (g, D)
+    var_kernel = torch.einsum('tgc,tgd->gcd', coef_p.view(t, groups, c // groups), patches).reshape(c, -1)
+    for tau in range(t):  # one fused multiply-add per stored iteration over the kernel-sized G
+        var_kernel.addcmul_(g_s[tau].reshape(c, -1), coef_g[tau][:, None])
+    return HistoryGrad(mean_patch, var_kernel, scale.sum(), coef_p.sum(0))
 
 
 def relative_stat_errors(mu: Tensor, var: Tensor, mu_pop: Tensor, var_pop: Tensor) -> Tuple[float, float]:
@@ -291,22 +367,33 @@ def relative_stat_errors(mu: Tensor, var: Tensor, mu_pop: Tensor, var_pop: Tenso
 
 
 class _CBNNormalize(torch.autograd.Function):
-    """y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta, with gradients through the current moments only.
+    """y = gamma * (x - mu_bar) / sqrt(var_bar + eps) + beta.
 
     ``mu_bar`` and ``var_bar`` average ``n`` iterations of which only the current one depends on x. Differentiating
     Eq. 9-12 through the current ``mu_t`` and ``s_t`` gives BN's backward with the count ``n*m`` in place of
     ``m``:  ``dx = r*gamma*(dy - sum(dy)/(n m) - (x - mu_bar) r^2 sum(dy (x - mu_bar))/(n m))``, ``r`` the inverse
     std. We evaluate it as ``dx_BN(weight=gamma/n) + (1 - 1/n) r gamma dy`` with torch's fused BN backward kernel.
+
+    With ``hist`` (:class:`HistoryGrad`), the compensated history's dependence on the current conv kernel and bias
+    is differentiated too (the exact backward): ``a = dL/dmu_bar = -r gamma sum(dy)`` and
+    ``c = dL/dvar_bar = -(1/2) gamma r^2 sum(dy x_hat)`` come from the same fused kernel's sums, and the kernel gets
+    ``a_j mean_patch + c_j var_kernel_j`` as an ordinary autograd edge (DDP buckets and autocast see it).
+    ``n`` may be a device tensor (skipped iterations weigh 0), so nothing here reads a value on the host.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mu_bar, var_bar, n_iters, eps, on_backward):
+    def forward(ctx, x, weight, bias, kernel, conv_bias, mu_bar, var_bar, n_iters, eps, on_backward, hist):
         # fp16/bf16 x with fp32 gamma, beta and statistics is a supported mixed-precision BN call
         dtype = mu_bar.dtype
         y = torch.batch_norm(x, None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
                              mu_bar, var_bar, False, 0.0, eps, torch.backends.cudnn.enabled)
-        ctx.save_for_backward(x, weight, mu_bar, var_bar)
-        ctx.n_iters = n_iters
+        n_t = n_iters if isinstance(n_iters, Tensor) else None
+        ctx.save_for_backward(x, weight, mu_bar, var_bar, n_t, *(hist or ()))
+        ctx.n_iters = None if n_t is not None else n_iters
+        ctx.exact = hist is not None
+        ctx.kernel_meta = None if kernel is None else (kernel.shape, kernel.dtype)
+        ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
+        ctx.beta_dtype = None if bias is None else bias.dtype
         ctx.eps = eps
         ctx.on_backward = on_backward
         return y
@@ -315,39 +402,62 @@ class _CBNNormalize(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.on_backward is not None:
             ctx.on_backward()
-        x, weight, mu_bar, var_bar = ctx.saved_tensors
-        n = ctx.n_iters
+        x, weight, mu_bar, var_bar, n_t, *hist = ctx.saved_tensors
+        n = n_t if n_t is not None else ctx.n_iters
         invstd = torch.rsqrt(var_bar + ctx.eps)
         c = x.shape[1]
-        w_eff = (weight.to(invstd.dtype) if weight is not None else invstd.new_ones(c)) / n
-        grad_out = grad_out.contiguous()
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                ctx.needs_input_grad[2]]
+        gamma = weight.to(invstd.dtype) if weight is not None else invstd.new_ones(c)
+        w_eff = gamma / n
+        # the same memory format as x: the fused kernel then reads both in one layout (channels_last stays so)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        want_kernel = ctx.exact and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        mask = [ctx.needs_input_grad[0], want_kernel or (weight is not None and ctx.needs_input_grad[1]),
+                want_kernel or ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_out, x, w_eff, None, None, mu_bar, invstd,
                                                                True, ctx.eps, mask)
-        if gx is not None and n > 1:
-            coef = (invstd * (w_eff * (n - 1))).to(gx.dtype).view(1, c, 1, 1)  # (1 - 1/n) r gamma
+        if gx is not None and (n_t is not None or n > 1):
+            coef = (invstd * w_eff * (n - 1)).to(gx.dtype).view(1, c, 1, 1)  # (1 - 1/n) r gamma
             gx = gx.addcmul_(grad_out, coef)
-        if gw is not None:
-            gw = gw.to(weight.dtype)
-        if gb is not None:
-            gb = gb.to(weight.dtype)
-        return gx, gw, gb, None, None, None, None, None
+        g_kernel = g_conv_bias = None
+        if want_kernel:
+            mean_patch, var_kernel, mean_bias, var_bias = hist
+            a = -invstd * gamma * gb  # dL/dmu_bar                       (gb = sum dy)
+            cc = -0.5 * gamma * invstd * invstd * gw  # dL/dvar_bar        (gw = sum dy * x_hat)
+            shape, dtype = ctx.kernel_meta
+            if ctx.needs_input_grad[3]:
+                groups = mean_patch.shape[0]
+                g_kernel = torch.baddbmm(var_kernel.view(groups, c // groups, -1) * cc.view(groups, -1, 1),
+                                         a.view(groups, -1, 1), mean_patch.view(groups, 1, -1))
+                g_kernel = g_kernel.reshape(shape).to(dtype)
+            if ctx.needs_input_grad[4]:
+                g_conv_bias = (a * mean_bias + cc * var_bias).to(ctx.conv_bias_dtype)
+        gw = gw.to(weight.dtype) if gw is not None and weight is not None and ctx.needs_input_grad[1] else None
+        gb = gb.to(ctx.beta_dtype) if gb is not None and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, g_kernel, g_conv_bias, None, None, None, None, None, None
 
 
 def cbn_normalize(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mu_bar: Tensor, var_bar: Tensor,
-                  n_iters: int, eps: float, on_backward: Optional[Callable[[], None]] = None) -> Tensor:
+                  n_iters: Union[int, Tensor], eps: float, on_backward: Optional[Callable[[], None]] = None,
+                  kernel: Optional[Tensor] = None, conv_bias: Optional[Tensor] = None,
+                  hist: Optional[HistoryGrad] = None) -> Tensor:
     """Normalize with window statistics (Eq. 12) and the affine transform (Eq. 4).
 
-    Gradients reach x, weight and bias; ``mu_bar`` and ``var_bar`` are treated as functions of x through the
-    current iteration's moments only (the history is constant), as in the authors' release.
+    Gradients reach x, weight and bias, with ``mu_bar`` and ``var_bar`` functions of x through the current
+    iteration's moments. Without ``hist`` the history is constant, as in the authors' release; with it (the exact
+    backward) the current conv ``kernel`` and ``conv_bias`` also get the derivative through the compensated history.
 
     Args:
         x (Tensor): (N, C, H, W).
         weight, bias (Tensor | None): gamma and beta (C,).
         mu_bar, var_bar (Tensor): (C,) window statistics, detached.
-        n_iters (int): iterations averaged into them, the current one included.
+        n_iters (int | Tensor): iterations averaged into them, the current one included (a 0-dim tensor when
+            skipped iterations weigh 0).
         eps (float): added inside the square root.
         on_backward (callable, optional): called with no argument when the backward pass reaches this op.
+        kernel, conv_bias (Tensor, optional): the producing conv's parameters (exact backward only).
+        hist (HistoryGrad, optional): from :func:`history_grad`; None for the authors' backward.
     """
-    return _CBNNormalize.apply(x, weight, bias, mu_bar, var_bar, n_iters, eps, on_backward)
+    if hist is None:
+        kernel = conv_bias = None
+    return _CBNNormalize.apply(x, weight, bias, kernel, conv_bias, mu_bar, var_bar, n_iters, eps, on_backward, hist)

