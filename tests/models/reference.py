@@ -14,17 +14,17 @@ import torch.nn.functional as F
 class ReferenceCBN:
 
     def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64,
-                 exact=True, affine=True):
+                 exact=True, affine=True, device='cpu'):
         self.k = window_size
         self.compensate = compensate
         self.exact = exact
         self.eps = eps
         self.momentum = momentum
         self.history = []
-        self.running_mean = torch.zeros(num_features, dtype=dtype)
-        self.running_var = torch.ones(num_features, dtype=dtype)
-        self.weight = torch.ones(num_features, dtype=dtype, requires_grad=affine)
-        self.bias = torch.zeros(num_features, dtype=dtype, requires_grad=affine)
+        self.running_mean = torch.zeros(num_features, dtype=dtype, device=device)
+        self.running_var = torch.ones(num_features, dtype=dtype, device=device)
+        self.weight = torch.ones(num_features, dtype=dtype, device=device, requires_grad=affine)
+        self.bias = torch.zeros(num_features, dtype=dtype, device=device, requires_grad=affine)
 
     def __call__(self, conv, conv_input):
         """Apply ``conv`` to ``conv_input``, then CBN (Eq. 2-12) to its output."""

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from cbn_mmdet.ops import ConvSpec, channel_dots, conv_stat_grads, kernel_products, subsample_plan
 
-from ..models.test_cbn import CONV_VARIANTS as CONVS
+from ..models.test_cbn_reference import CONV_VARIANTS as CONVS
 
 
 def test_subsample_plan():
