@@ -226,7 +226,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``dnu/dW`` of Eq. 8: estimate it from every r-th RoI (inputs of at least ``8r`` samples) or else every
             r-th row of the feature map (exact on maps of fewer than ``2r`` rows), which cuts that weight-gradient
             to ``1/r``. ``dmu/dW`` and the current statistics stay exact. ``1`` is exact CBN. Its measured effect
-            on the statistics' error is in the README ("Opt-in approximation"). Default: 1.
+            on the statistics' error is in the README ("Opt-in approximation"). With the exact backward, the kernel
+            gets the exact derivative of the forward as computed, i.e. through the estimated ``ds/dW``. Default: 1.
         backward (str): ``'exact'``, the derivative of the forward through the compensation's dependence on the
             current kernel, or ``'authors'``, the authors' released backward (history constant). Why the default
             is what it is: README, "Which backward". Default: ``'exact'``.

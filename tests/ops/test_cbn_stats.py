@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cbn_mmdet.ops import ConvSpec, channel_dots, conv_stat_grads, kernel_products, subsample_plan
+from cbn_mmdet.ops import (ConvSpec, channel_dots, compensate, conv_stat_grads, history_grad, kernel_products,
+                           subsample_plan, window_moments)
 
 from ..models.test_cbn_reference import CONV_VARIANTS as CONVS
 
@@ -88,3 +89,68 @@ def test_autocast_does_not_lower_the_statistics_precision():
     for a, b in zip((*exact, *products), (*mixed, *mixed_products)):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('groups', [1, 2])
+@pytest.mark.parametrize('with_bias', [True, False])
+@pytest.mark.parametrize('ratio', [1, 2])
+def test_history_grad_is_the_derivative_of_the_forward(groups, with_bias, ratio):
+    """The exact backward's history terms against autograd through ``compensate`` and ``window_moments`` with the
+    current kernel and bias live, on a real window (stored P and G from earlier kernels, one skipped row of weight
+    0, a clamp active on some entries). With ``stat_grad_subsample > 1`` the stored G is an estimate, and the
+    exact backward is the exact derivative of the forward that uses it: the check is the same."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=with_bias).double()
+    entries = []
+    for tau in range(3):  # three past iterations, each at its own kernel
+        with torch.no_grad():
+            conv.weight.add_(0.2 * torch.randn_like(conv.weight))
+            if with_bias:
+                conv.bias.add_(0.2 * torch.randn_like(conv.bias))
+        u = torch.randn(16, 4, 6, 7, dtype=torch.float64)
+        x = conv(u).detach()
+        mu, s = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+        spec = ConvSpec(conv.weight.detach(), None, u, conv.stride, conv.padding, conv.dilation, groups)
+        g = conv_stat_grads(spec, x, mu, subsample=ratio)
+        p_mu, p_s = kernel_products(g.g_mu, g.g_s, conv.weight.detach())
+        bias = conv.bias.detach().clone() if with_bias else torch.zeros_like(mu)
+        entries.append(dict(mu=mu, s=s, g_mu=g.g_mu, g_s=g.g_s, p_mu=p_mu, p_s=p_s, bias=bias))
+    h = {k: torch.stack([e[k] for e in entries]) for k in entries[0]}
+    h['s'][1, :2] = 1e-4  # nearly empty variances: the compensation drives them below 0 and Eq. 10 clamps them
+    weight = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)  # the last row was skipped
+    kernel = (conv.weight.detach() + 0.3 * torch.randn_like(conv.weight)).requires_grad_()
+    bias_t = (conv.bias.detach() + 0.3).requires_grad_() if with_bias else None
+    mu_t, s_t = torch.randn(6, dtype=torch.float64), torch.rand(6, dtype=torch.float64) + 0.5
+
+    def forward(kernel, bias_t):  # Eq. 7-11 in plain differentiable torch (compensate's kernels are not)
+        c = kernel.shape[0]
+        w_g = kernel.reshape(groups, c // groups, -1)
+        q_mu = torch.einsum('tgd,gcd->tgc', h['g_mu'].reshape(3, groups, -1), w_g).reshape(3, c)
+        q_s = (h['g_s'] * kernel).flatten(2).sum(-1)
+        d_mu = q_mu - h['p_mu'] + ((bias_t - h['bias']) if bias_t is not None else 0)
+        mu_c = h['mu'] + d_mu
+        s_c = (h['s'] + q_s - h['p_s'] - d_mu * d_mu).clamp(min=0)
+        rows = torch.cat([weight.new_ones(1), weight])[:, None]
+        mus, ss = torch.cat([mu_t[None], mu_c]), torch.cat([s_t[None], s_c])
+        mu_bar = (rows * mus).sum(0) / rows.sum()
+        var_bar = (rows * (ss + (mus - mu_bar) ** 2)).sum(0) / rows.sum()
+        return mu_bar, var_bar
+
+    mu_bar, var_bar = forward(kernel, bias_t)
+    a, c = torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    ((a * mu_bar).sum() + (c * var_bar).sum()).backward()
+    with torch.no_grad():  # what the layer does
+        comp = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'], kernel.detach(),
+                          None if bias_t is None else bias_t.detach())
+        rows = torch.cat([weight.new_ones(1), weight])
+        mu_bar2, var_bar2 = window_moments(torch.cat([mu_t[None], comp.mu]), torch.cat([s_t[None], comp.s]), rows)
+        torch.testing.assert_close(mu_bar2, mu_bar, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var_bar2, var_bar, rtol=1e-12, atol=1e-12)
+        assert not comp.inside.all()  # the clamp is active somewhere
+        hist = history_grad(comp, mu_bar2, h['g_mu'], h['g_s'], weight, weight.sum() + 1)
+    d = hist.mean_patch.shape[1]
+    g_kernel = (a.view(groups, -1, 1) * hist.mean_patch.view(groups, 1, d)
+                + c.view(groups, -1, 1) * hist.var_kernel.view(groups, -1, d)).reshape(kernel.shape)
+    torch.testing.assert_close(g_kernel, kernel.grad, rtol=1e-10, atol=1e-12)
+    if with_bias:
+        torch.testing.assert_close(a * hist.mean_bias + c * hist.var_bias, bias_t.grad, rtol=1e-10, atol=1e-12)
