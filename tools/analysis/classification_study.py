@@ -25,7 +25,11 @@ Variants:
 * ``cbn_authors``: CBN with the authors' backward (history constant);
 * ``cbn_exact``: CBN with the exact backward (the derivative through the compensation's dependence on the kernel);
 * ``probe_m`` / ``probe_m_exact``: the backward counts the batch's ``m`` values instead of the window's ``n*m``
-  (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart.
+  (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart;
+* ``cbn``: the layer's default options (what a user gets).
+
+``--model plain --seeds 100 101 102 --epochs 2 --lr-base 0.05`` is the held-out check: its own network (four plain
+conv -> norm -> ReLU layers), seeds and schedule, run once the default was chosen on the ResNet runs.
 
 Each run writes ``runs/<dataset>_<variant>_bs<bs>_seed<seed>.json`` (test and train top-1, and the mean |cos| of
 every conv's kernel gradient with its kernel, ``||W||``, over training); existing runs are skipped, so an interrupted
@@ -54,8 +58,10 @@ sys.path.insert(0, ROOT)
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
 
-VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact')
-CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe)
+VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn')
+MODELS = ('resnet', 'plain')
+CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe); 'cbn' is the layer's defaults
+    'cbn': (True, None, False),
     'naive': (False, 'authors', False),
     'cbn_authors': (True, 'authors', False),
     'cbn_exact': (True, 'exact', False),
@@ -93,7 +99,8 @@ def make_norm(variant: str, channels: int, k: int) -> nn.Module:
     if variant == 'gn':
         return nn.GroupNorm(8, channels)
     compensate, backward, probe = CBN_VARIANTS[variant]
-    layer = CrossIterationBatchNorm2d(channels, window_size=k, compensate=compensate, backward=backward)
+    options = dict(compensate=compensate) if backward is None else dict(compensate=compensate, backward=backward)
+    layer = CrossIterationBatchNorm2d(channels, window_size=k, **options)
     layer._probe_batch_count = probe
     return layer
 
@@ -135,6 +142,27 @@ class SmallResNet(nn.Module):
         return self.fc(self.blocks(x).mean((2, 3)))
 
 
+class PlainNet(nn.Module):
+    """The held-out check's own network: four conv -> norm -> ReLU layers (32, 32, 64, 64; strides 1, 2, 1, 2), no
+    shortcut, global pooling and a linear classifier."""
+
+    def __init__(self, norm, num_classes=10):
+        super().__init__()
+        layers, c_in = [], 1
+        for c, stride in ((32, 1), (32, 2), (64, 1), (64, 2)):
+            layers += [nn.Conv2d(c_in, c, 3, stride, 1), norm(c), nn.ReLU()]
+            c_in = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def build_model(name: str, norm) -> nn.Module:
+    return SmallResNet(norm) if name == 'resnet' else PlainNet(norm)
+
+
 def conv_before_norm(model: nn.Module):
     """The convs whose output a norm layer normalizes (every conv here)."""
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -148,16 +176,16 @@ def accuracy(model, x, y, batch=500):
     return 100.0 * correct / len(x)
 
 
-def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50):
+def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50, model_name='resnet', lr_base=0.1):
     """Train one model; returns the run's record (test/train top-1, kernel-gradient geometry, time)."""
     torch.set_num_threads(1)
     train_x, train_y, test_x, test_y = data if data is not None else load_dataset(dataset)
     k = resolve_auto_window(batch_size)
     torch.manual_seed(seed)
-    model = SmallResNet(lambda c: make_norm(variant, c, k))
+    model = build_model(model_name, lambda c: make_norm(variant, c, k))
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
-    lr = 0.1 * batch_size / 32
+    lr = lr_base * batch_size / 32
     optim = torch.optim.SGD([dict(params=decay, weight_decay=1e-4), dict(params=rest, weight_decay=0.0)], lr=lr,
                             momentum=0.9)
     per_epoch = len(train_x) // batch_size
@@ -185,7 +213,8 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 cos_n += 1
             optim.step()
             it += 1
-    return dict(dataset=dataset, variant=variant, batch_size=batch_size, seed=seed, epochs=epochs, window=k,
+    return dict(dataset=dataset, model=model_name, variant=variant, batch_size=batch_size, seed=seed, epochs=epochs,
+                window=k,
                 iterations=total, burnin=burnin, lr=lr, test_top1=accuracy(model, test_x, test_y),
                 train_top1=accuracy(model, train_x, train_y),
                 abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
@@ -198,9 +227,9 @@ def run_path(out, dataset, variant, bs, seed):
 
 
 def _worker(job):
-    out, dataset, variant, bs, seed, epochs = job
+    out, dataset, variant, bs, seed, epochs, model_name, lr_base = job
     path = run_path(out, dataset, variant, bs, seed)
-    record = train_one(dataset, variant, bs, seed, epochs)
+    record = train_one(dataset, variant, bs, seed, epochs, model_name=model_name, lr_base=lr_base)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(record, f, indent=1)
@@ -235,7 +264,7 @@ def summarize(records, variants, batch_sizes, reference='bn'):
                                       seeds=sorted(runs), train_top1=float(np.mean(
                                           [by[(v, bs, s)]['train_top1'] for s in runs])),
                                       abs_cos=float(np.mean([by[(v, bs, s)]['abs_cos_grad_kernel'] for s in runs])))
-            for other, obs in ((reference, bs), ('gn', bs), ('cbn_authors', bs), ('bn', big)):
+            for other, obs in ((reference, bs), ('gn', bs), ('cbn_authors', bs), ('cbn_exact', bs), ('bn', big)):
                 if (other, obs) == (v, bs):
                     continue
                 common = [s for s in runs if (other, obs, s) in by]
@@ -273,6 +302,9 @@ def parse_args(argv=None):
     p.add_argument('--variants', nargs='+', default=list(VARIANTS))
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--epochs', type=int, default=4)
+    p.add_argument('--model', default='resnet', choices=MODELS,
+                   help="'plain' is the held-out check's own network (with its own seeds and schedule)")
+    p.add_argument('--lr-base', type=float, default=0.1, help='lr = lr_base * batch size / 32')
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one thread each')
     p.add_argument('--out', default='work_dirs/analysis/classification_study')
     args = p.parse_args(argv)
@@ -286,14 +318,16 @@ def parse_args(argv=None):
     for name in ('epochs', 'jobs'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if not args.lr_base > 0:
+        p.error(f'--lr-base must be > 0, got {args.lr_base}')
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(osp.join(args.out, 'runs'), exist_ok=True)
-    jobs = [(args.out, args.dataset, v, bs, s, args.epochs) for bs in sorted(args.batch_sizes, reverse=True)
-            for s in args.seeds for v in args.variants]
+    jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base)
+            for bs in sorted(args.batch_sizes, reverse=True) for s in args.seeds for v in args.variants]
     todo = [j for j in jobs if not osp.exists(run_path(*j[:5]))]
     print(f'{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} with {args.jobs} jobs', flush=True)
     if todo:
@@ -307,9 +341,11 @@ def main(argv=None):
     for j in jobs:
         with open(run_path(*j[:5])) as f:
             record = json.load(f)
-        if record['epochs'] != args.epochs:
-            raise ValueError(f'{run_path(*j[:5])} was trained for {record["epochs"]} epochs, not --epochs '
-                             f'{args.epochs}: use another --out')
+        if (record['epochs'], record.get('model', 'resnet'), record['lr']) != (
+                args.epochs, args.model, args.lr_base * record['batch_size'] / 32):
+            raise ValueError(f"{run_path(*j[:5])} was trained with epochs={record['epochs']}, "
+                             f"model={record.get('model', 'resnet')}, lr={record['lr']}, not with this command's "
+                             '--epochs/--model/--lr-base: use another --out')
         records.append(record)
     table, paired = summarize(records, args.variants, sorted(args.batch_sizes))
     summary = dict(settings=vars(args), table=table, paired=paired)
