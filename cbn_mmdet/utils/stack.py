@@ -6,15 +6,20 @@ from typing import Dict, Optional
 
 from packaging.version import Version
 
-# package -> (lowest supported, first unsupported); checked together on torch 2.13 CPU, Python 3.11
+# package -> (lowest supported, first unsupported); checked together on torch 2.13 CPU, Python 3.11.
+# setup.cfg's install_requires declares the same ranges, torch excepted (tests/test_packaging.py).
 SUPPORTED = {
     'torch': ('2.1.0', '2.15.0'),
     'mmengine': ('0.10.0', '0.11.0'),
     'mmcv': ('2.0.0', '2.2.0'),
     'mmdet': ('3.0.0', '3.4.0'),
 }
-HOW_TO_INSTALL = ('Run `make venv` (tools/setup_env.sh) from the repository root, which installs torch==2.13.0, '
-                  'mmcv==2.1.0 built with MMCV_WITH_OPS=1, mmengine==0.10.7 and mmdet==3.3.0 into .venv/.')
+# the distributions that provide a package's modules, checked in this order (mmcv-lite is mmcv without its ops)
+DISTRIBUTIONS = {'mmcv': ('mmcv', 'mmcv-lite')}
+HOW_TO_INSTALL = ('In your own environment, install versions in these ranges (README: "Use it in your MMDetection '
+                  'project"). For this repository\'s CPU environment, run `make venv` (tools/setup_env.sh) from the '
+                  'repository root, which installs torch==2.13.0, mmcv==2.1.0 built with MMCV_WITH_OPS=1, '
+                  'mmengine==0.10.7 and mmdet==3.3.0 into .venv/.')
 
 
 def supported_ranges() -> str:
@@ -24,10 +29,13 @@ def supported_ranges() -> str:
 def installed_versions() -> Dict[str, Optional[str]]:
     versions = {}
     for name in SUPPORTED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+        versions[name] = None
+        for dist in DISTRIBUTIONS.get(name, (name, )):
+            try:
+                versions[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                pass
     return versions
 
 

@@ -26,6 +26,31 @@ def test_mmcv_without_ops_warns():
         check_stack(GOOD, has_mmcv_ops=False)
 
 
+def test_mmcv_lite_counts_as_mmcv(monkeypatch):
+    # mmcv-lite installs the mmcv modules under another distribution name: the version check reads it, and the
+    # missing ops are left to the warning
+    from cbn_mmdet.utils import stack
+
+    def version(dist):
+        if dist == 'mmcv':
+            raise stack.metadata.PackageNotFoundError(dist)
+        return {'mmcv-lite': '2.1.0'}.get(dist, GOOD.get(dist))
+
+    monkeypatch.setattr(stack.metadata, 'version', version)
+    assert stack.installed_versions()['mmcv'] == '2.1.0'
+    with pytest.warns(UserWarning, match='without its compiled ops'):
+        check_stack(has_mmcv_ops=False)
+
+
+def test_error_tells_users_of_their_own_environment_what_to_do():
+    with pytest.raises(ImportError) as info:
+        check_stack(dict(GOOD, mmcv='2.2.0'), has_mmcv_ops=True)
+    message = str(info.value)
+    assert message.startswith('cbn_mmdet supports torch>=2.1.0,<2.15.0, mmengine>=0.10.0,<0.11.0, '
+                              'mmcv>=2.0.0,<2.2.0, mmdet>=3.0.0,<3.4.0, but mmcv 2.2.0 is installed.')
+    assert 'In your own environment, install versions in these ranges' in message
+
+
 def test_installed_stack_is_supported():
     versions = installed_versions()
     assert set(versions) == set(SUPPORTED)
