@@ -174,6 +174,9 @@ def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=T
     if subsample > 1:  # the opt-in approximation of dnu/dW
         cases[f'CBN k=4 r={subsample}'] = conv_norm_step(
             conv, CrossIterationBatchNorm2d(c, window_size=4, stat_grad_subsample=subsample).to(device), u, grad)
+    if authors:  # the same layer with the authors' backward: what the exact backward costs on top
+        cases['CBN k=4 authors bw'] = conv_norm_step(
+            conv, CrossIterationBatchNorm2d(c, window_size=4, backward='authors').to(device), u, grad)
     if naive:
         cases['Naive CBN k=4'] = conv_norm_step(conv, CrossIterationBatchNorm2d(c, window_size=4,
                                                                                compensate=False).to(device), u, grad)
@@ -211,6 +214,9 @@ def run_layer(args, device):
             times={k: summary(v) for k, v in times.items()},
             cbn_minus_bn_over_floor=paired(times, 'CBN k=4', 'BN', scale='floor: 1 weight-grad'),
             naive_minus_bn_over_floor=paired(times, 'Naive CBN k=4', 'BN', scale='floor: 1 weight-grad'),
+            authors_bw_minus_bn_over_floor=paired(times, 'CBN k=4 authors bw', 'BN', scale='floor: 1 weight-grad'),
+            exact_minus_authors_bw_over_floor=paired(times, 'CBN k=4', 'CBN k=4 authors bw',
+                                                     scale='floor: 1 weight-grad'),
             cbn_over_bn=paired(times, 'CBN k=4', 'BN'),
             authors_over_bn=paired(times, 'authors k=4', 'BN'),
             history=history_bytes(shape, device=device))
@@ -241,6 +247,8 @@ def print_layer(key, r):
     for name, s in r['times'].items():
         print(f"  {name:<22}{1e3 * s['median']:9.1f} ms  [{1e3 * s['q1']:.1f}, {1e3 * s['q3']:.1f}]")
     for label, field in (('(CBN - BN) / floor', 'cbn_minus_bn_over_floor'),
+                         ('(authors bw - BN)/floor', 'authors_bw_minus_bn_over_floor'),
+                         ('(exact - authors bw)/fl', 'exact_minus_authors_bw_over_floor'),
                          ('(Naive - BN) / floor', 'naive_minus_bn_over_floor'), ('CBN / BN', 'cbn_over_bn'),
                          ('authors / BN', 'authors_over_bn'),
                          ('(CBN r - BN) / floor', 'subsampled_minus_bn_over_floor')):

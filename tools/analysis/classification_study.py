@@ -33,13 +33,16 @@ conv -> norm -> ReLU layers), seeds and schedule, run once the default was chose
 
 Each run writes ``runs/<dataset>_<variant>_bs<bs>_seed<seed>.json`` (test and train top-1, and the mean |cos| of
 every conv's kernel gradient with its kernel, ``||W||``, over training); existing runs are skipped, so an interrupted
-study resumes where it stopped. ``summary.json`` holds the table and the paired differences (mean over seeds with a
+study resumes where it stopped. Evaluation statistics, as controls: ``test_top1`` uses the layer's running
+statistics (CBN: an EMA of the window statistics), ``test_top1_batch_ema`` the authors' EMA of batch statistics
+(CBN only), ``test_top1_precise`` statistics recomputed over the training set after training (precise BN). ``summary.json`` holds the table and the paired differences (mean over seeds with a
 95% t-interval), ``top1_vs_batch.png`` the plot.
 
 CPU budget (2-core x86 here, 1 thread per run, ``--jobs 2``): MNIST-5k, 4 epochs is 16000 images per run, about
 1.5-4 ms per image for BN and 3-8 ms for CBN depending on the batch size; 1 image per iteration is the slowest.
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -168,6 +171,48 @@ def conv_before_norm(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+class BatchStatsEMA:
+    """The authors' running statistics, as a control: an EMA (momentum 0.1) of each CBN layer's *batch* statistics
+    (unbiased variance), kept beside the layer's own EMA of the window statistics."""
+
+    def __init__(self, layers):
+        self.stats = {m: [m.running_mean.clone(), m.running_var.clone()] for m in layers}
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in layers]
+
+    def _hook(self, module, args):
+        x = args[0].detach()
+        if not module.training or x.numel() == 0:
+            return
+        var, mu = torch.var_mean(x, dim=(0, 2, 3), correction=1 if x.numel() > x.shape[1] else 0)
+        mean, running = self.stats[module]
+        mean.mul_(0.9).add_(0.1 * mu)
+        running.mul_(0.9).add_(0.1 * var)
+
+    def swap_in(self):
+        for m, (mean, var) in self.stats.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+
+
+@torch.no_grad()
+def precise_statistics(model, x, batch=200):
+    """Precise BN (Wu and Johnson): every BN/CBN layer's running statistics recomputed after training as the plain
+    average of batch statistics over the training set (batches of ``batch``), layer by layer through the trained
+    network; CBN layers act as BN for this (no window)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        if isinstance(m, CrossIterationBatchNorm2d):
+            m.begin_iteration(-1, use_window=False, collect=False)
+    model.train()
+    for i in range(0, len(x) - batch + 1, batch):
+        model(x[i:i + batch])
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+
+
 @torch.no_grad()
 def accuracy(model, x, y, batch=500):
     model.eval()
@@ -194,6 +239,7 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
     cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     convs = conv_before_norm(model)
     gen = torch.Generator().manual_seed(1000 + seed)
+    batch_ema = BatchStatsEMA(cbns) if cbns else None
     cos_sum, cos_n, start = np.zeros(len(convs)), 0, time.process_time()
     it = 0
     for epoch in range(epochs):
@@ -213,13 +259,32 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 cos_n += 1
             optim.step()
             it += 1
-    return dict(dataset=dataset, model=model_name, variant=variant, batch_size=batch_size, seed=seed, epochs=epochs,
-                window=k,
+    # evaluation statistics, as controls: the layer's EMA of the window statistics (test_top1, what a user gets), the
+    # authors' EMA of batch statistics, and precise statistics recomputed over the training set after training
+    controls = {}
+    if variant != 'gn':
+        if batch_ema is not None:
+            other = copy.deepcopy(model)
+            _remap(batch_ema, model, other).swap_in()
+            controls['test_top1_batch_ema'] = accuracy(other, test_x, test_y)
+        other = copy.deepcopy(model)
+        precise_statistics(other, train_x)
+        controls['test_top1_precise'] = accuracy(other, test_x, test_y)
+    return dict(controls, dataset=dataset, model=model_name, variant=variant, batch_size=batch_size, seed=seed,
+                epochs=epochs, window=k,
                 iterations=total, burnin=burnin, lr=lr, test_top1=accuracy(model, test_x, test_y),
                 train_top1=accuracy(model, train_x, train_y),
                 abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
                 kernel_norm=float(np.mean([c.weight.norm().item() for c in convs])),
                 cpu_seconds=time.process_time() - start)
+
+
+def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStatsEMA:
+    """The same EMA statistics, keyed by the layers of a copy of ``model``."""
+    twin = dict(zip(model.modules(), other.modules()))
+    out = BatchStatsEMA.__new__(BatchStatsEMA)
+    out.stats = {twin[m]: v for m, v in ema.stats.items()}
+    return out
 
 
 def run_path(out, dataset, variant, bs, seed):
@@ -264,6 +329,10 @@ def summarize(records, variants, batch_sizes, reference='bn'):
                                       seeds=sorted(runs), train_top1=float(np.mean(
                                           [by[(v, bs, s)]['train_top1'] for s in runs])),
                                       abs_cos=float(np.mean([by[(v, bs, s)]['abs_cos_grad_kernel'] for s in runs])))
+            for control in ('test_top1_batch_ema', 'test_top1_precise'):
+                values = [by[(v, bs, s)][control] for s in runs if control in by[(v, bs, s)]]
+                if values:
+                    table[f'{v}@{bs}'][control] = float(np.mean(values))
             for other, obs in ((reference, bs), ('gn', bs), ('cbn_authors', bs), ('cbn_exact', bs), ('bn', big)):
                 if (other, obs) == (v, bs):
                     continue

@@ -25,6 +25,7 @@ def test_tiny_study_resumes_and_summarizes(tmp_path):
         record = json.load(f)
     assert record['window'] == 1 and record['iterations'] == 1397 // 16  # k = min(ceil(16/16), 8)
     assert 10 < record['test_top1'] <= 100 and 0 <= record['abs_cos_grad_kernel'] <= 1
+    assert 0 <= record['test_top1_precise'] <= 100 and 0 <= record['test_top1_batch_ema'] <= 100
     # the paired difference is computed from the runs on disk
     with open(tmp_path / 'runs' / 'digits_bn_bs32_seed0.json') as f:
         bn0 = json.load(f)['test_top1']
