@@ -9,7 +9,7 @@ import cbn_mmdet  # noqa: E402,F401
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from cbn_mmdet.utils.dist import setup_cpu_distributed  # noqa: E402
+from cbn_mmdet.utils.dist import process_group_scope, setup_cpu_distributed  # noqa: E402
 
 sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 from train import load_cfg, parse_runner_args  # noqa: E402
@@ -28,13 +28,14 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_cfg(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
-    setup_cpu_distributed(cfg, args.launcher)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    if args.out is not None:
-        assert args.out.endswith(('.pkl', '.pickle')), 'The dump file must be a pkl file.'
-        from mmdet.evaluation import DumpDetResults
-        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    metrics = runner.test()
+    with process_group_scope():  # a distributed run's process group ends with the run
+        setup_cpu_distributed(cfg, args.launcher)
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        if args.out is not None:
+            assert args.out.endswith(('.pkl', '.pickle')), 'The dump file must be a pkl file.'
+            from mmdet.evaluation import DumpDetResults
+            runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+        metrics = runner.test()
     return metrics
 
 

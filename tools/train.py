@@ -11,7 +11,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
-from cbn_mmdet.utils.dist import setup_cpu_distributed  # noqa: E402
+from cbn_mmdet.utils.dist import process_group_scope, setup_cpu_distributed  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -78,9 +78,10 @@ def build_cfg(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = build_cfg(args)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    with process_group_scope():  # a distributed run's process group ends with the run
+        cfg = build_cfg(args)
+        runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+        runner.train()
     return runner
 
 
