@@ -12,6 +12,8 @@ from torch import nn
 from ..models.cbn import CrossIterationBatchNorm2d, resolve_auto_window
 
 CHECKPOINT_KEY = 'cbn_windows'
+# how often CBNBurnInHook reads the layers' device counters of checkpoint replays that saw another input (CUDA)
+REPLAY_CHECK_INTERVAL = 100
 _CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d)
 
 
@@ -140,8 +142,15 @@ class CBNBurnInHook(Hook):
             self._opened_logged = True
             runner.logger.info(f'CBNBurnInHook: CBN windows are open from iteration {it}')
 
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if (runner.iter + 1) % REPLAY_CHECK_INTERVAL == 0:  # a rare host read, never per iteration
+            for _, layer in self._layers or ():
+                layer.check_replays()
+
     # ------------------------------------------------------------------ checkpoints
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        for _, layer in cbn_layers(runner.model):
+            layer.check_replays()
         checkpoint[CHECKPOINT_KEY] = {name: layer.get_window_state() for name, layer in cbn_layers(runner.model)}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:

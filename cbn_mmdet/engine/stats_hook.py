@@ -152,7 +152,7 @@ class CBNStatsErrorHook(Hook):
             return
         if isinstance(module, CrossIterationBatchNorm2d) and module._window is not None and module._window.count:
             view = module._window.view()
-            self._estimates[module] = dict(window=(view['mu'].clone(), view['s'].clone()))
+            self._estimates[module] = dict(window=(view['mu'].clone(), view['s'].clone(), view['w'].clone()))
 
     def _capture(self, module, args, output) -> None:
         """After the forward: the statistics the layer normalized with, and the batch's own (first call only)."""
@@ -171,8 +171,9 @@ class CBNStatsErrorHook(Hook):
             # a device count on the layer (skipped iterations weigh 0); read here, at a measured step, not in the layer
             entry.update(CBN=self._frozen[module], BN=(mu_t, s_t), n_iters=round(float(replay.n_iters)))
             window = entry.get('window')
-            entry['Naive'] = (mu_t, s_t) if window is None else window_moments(
-                torch.cat([mu_t[None], window[0]]), torch.cat([s_t[None], window[1]]))
+            entry['Naive'] = (mu_t, s_t) if window is None else window_moments(  # skipped iterations weigh 0
+                torch.cat([mu_t[None], window[0]]), torch.cat([s_t[None], window[1]]),
+                torch.cat([window[2].new_ones(1), window[2]]))
         else:
             self._frozen[module] = (mu_t, s_t)
 

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_weight
 
 __all__ = [
@@ -146,7 +147,8 @@ def _mean_patch(by_col: Tensor, conv: 'ConvSpec', out_h: int, stride_h: int, cou
 
 
 @_autocast_off
-def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -> StatGrads:
+def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
+                    centre_first: Optional[bool] = None) -> StatGrads:
     """``dmu/dW`` and ``ds/dW`` of the current iteration, in closed form (Appendix B, Eq. 13-15).
 
     ``dmu_j/dW_j`` is the mean input patch, shared by the channels of a group; it costs one read of the input
@@ -164,6 +166,10 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
         x (Tensor): its output (N, C, H, W).
         mu (Tensor): the per-channel mean of x (C,), in the statistics dtype.
         subsample (int): use every ``subsample``-th sample or row for ``ds/dW``. Default: 1 (exact).
+        centre_first (bool, optional): run the weight-gradient on ``x - mu`` instead of ``x`` (one more pass over
+            x). Needed where the weight-gradient rounds its operands, as cuDNN's TF32 does (10-bit mantissa): on
+            the uncentred x, whose |mu| may be >> std, that rounding would swamp the centred result. Default: on
+            CUDA while ``torch.backends.cudnn.allow_tf32`` is set, off otherwise (fp32 accumulates exactly enough).
 
     Returns:
         StatGrads: both gradients, in the dtype of ``mu``.
@@ -193,9 +199,13 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1) -
     # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
     # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
     # touches only this first-order term: s itself comes from batch_moments, centred.
+    if centre_first is None:
+        centre_first = x.is_cuda and torch.backends.cudnn.allow_tf32
+    grad_out = x.to(dtype) - mu.view(1, c, 1, 1) if centre_first else x.to(dtype)
     # a channels_last input gives a channels_last weight-gradient: made contiguous (a no-op otherwise) for the view
-    g_s = conv2d_weight(u, conv.weight.shape, x.to(dtype), stride, conv.padding, conv.dilation,
-                        groups).contiguous()
+    g_s = conv2d_weight(u, conv.weight.shape, grad_out, stride, conv.padding, conv.dilation, groups).contiguous()
+    if centre_first:  # (2/m) sum_i (x_i - mu) patch_i directly
+        return StatGrads(g_mu, g_s.mul_(2.0 / m))
     # g_s = (2/m) g_s - 2 mu_j patch, one fused pass: a rank-1 update per group (C/g, 1) x (1, C_in/g * K)
     g_s.view(groups, c // groups, -1).baddbmm_(mu.view(groups, c // groups, 1), patch.view(groups, 1, -1),
                                                beta=2.0 / m, alpha=-2.0)
@@ -315,6 +325,7 @@ class HistoryGrad(NamedTuple):
     var_bias: Tensor  # (C,)
 
 
+@_autocast_off
 def history_grad(comp: Compensated, mu_bar: Tensor, g_mu: Tensor, g_s: Tensor, weight: Tensor,
                  n: Tensor) -> HistoryGrad:
     """The derivative of the window statistics w.r.t. the current kernel through the compensation (Eq. 7-11).
@@ -399,6 +410,7 @@ class _CBNNormalize(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # no double backward: a second-order gradient would be silently wrong
     def backward(ctx, grad_out):
         if ctx.on_backward is not None:
             ctx.on_backward()

@@ -1,4 +1,6 @@
-"""What the layer tests share: the devices they run on and a plain SGD step."""
+"""What the layer tests share: the devices they run on, the conv geometries, fp32 without TF32, a plain SGD step."""
+import contextlib
+
 import pytest
 import torch
 
@@ -13,3 +15,27 @@ def sgd_step(params, lr=0.05):
             if p.grad is not None:
                 p.sub_(lr * p.grad)
                 p.grad = None
+
+
+CONV_VARIANTS = {
+    '3x3': dict(kernel_size=3, padding=1),
+    '1x1': dict(kernel_size=1),
+    'stride2': dict(kernel_size=3, padding=1, stride=2),
+    'dilation2': dict(kernel_size=3, padding=2, dilation=2),
+    'groups2': dict(kernel_size=3, padding=1, groups=2),
+    # every geometric argument different along the two axes (the maps are non-square too)
+    'nonsquare': dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+}
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """fp32 convolutions and matrix products in fp32 on CUDA (TF32 rounds their inputs to 10 bits, which the fp32
+    tolerances do not allow for); nothing changes on the CPU."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old

@@ -1,7 +1,6 @@
 """CrossIterationBatchNorm2d against the slow reference of tests/models/reference.py (the paper's equations, brute-force
 Jacobians, full kernel copies, plain autograd), over real SGD-momentum trajectories, in three modes: Naive CBN, the
 authors' backward and the exact backward."""
-import contextlib
 import copy
 
 import pytest
@@ -12,30 +11,10 @@ import torch.nn.functional as F
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
 from cbn_mmdet.ops.cbn_stats import compensate
 
-from .common import DEVICES, sgd_step
+from .common import CONV_VARIANTS, DEVICES, no_tf32, sgd_step
 from .reference import ReferenceCBN
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    """fp32 matrix products in fp32 on CUDA (TF32 would round their inputs to 10 bits)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-CONV_VARIANTS = {
-    '3x3': dict(kernel_size=3, padding=1),
-    '1x1': dict(kernel_size=1),
-    'stride2': dict(kernel_size=3, padding=1, stride=2),
-    'dilation2': dict(kernel_size=3, padding=2, dilation=2),
-    'groups2': dict(kernel_size=3, padding=1, groups=2),
-    # every geometric argument different along the two axes (the maps are non-square too)
-    'nonsquare': dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
-}
 # layer mode -> (compensate, backward): Naive CBN, the authors' backward and the exact backward
 MODES = {'naive': (False, 'authors'), 'authors': (True, 'authors'), 'exact': (True, 'exact')}
 
@@ -117,6 +96,7 @@ def test_matches_reference_fp64(k, mode, variant, bias, device):
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('mode', list(MODES))
 def test_matches_reference_without_affine_fp64(mode, device):
+    # 1e-8: as in test_matches_reference_fp64
     assert run_against_reference('nonsquare', True, 4, mode, torch.float64, affine=False, device=device) < 1e-8
 
 
@@ -137,6 +117,7 @@ def test_matches_reference_when_the_clamp_triggers_fp64(mode, device):
                                   kernel.detach(), None if bias is None else bias.detach())
                 clamped.append(int((~comp.inside).sum()))
 
+    # 1e-8: as in test_matches_reference_fp64 (the clamp is exact: max(s, 0) rounds nothing)
     assert run_against_reference('1x1', True, 4, mode, torch.float64, lr=1.5, device=device,
                                  on_layers=count) < 1e-8
     if mode != 'naive':
@@ -149,7 +130,7 @@ def test_matches_reference_when_the_clamp_triggers_fp64(mode, device):
 def test_matches_reference_fp32(k, mode, device):
     # 1e-4 relative: fp32 (u = 6e-8) over 20 SGD steps of two conv -> CBN layers; the trajectories separate by
     # O(u * growth) per step, with the growth of this small, well-conditioned problem far below 1e3
-    with torch.backends.cudnn.flags(allow_tf32=False), _no_tf32():
+    with no_tf32():
         assert run_against_reference('3x3', True, k, mode, torch.float32, device=device) < 1e-4
 
 
@@ -194,6 +175,9 @@ def test_exact_backward_keeps_the_kernel_gradient_orthogonal(bias):
                     bias_ratio = max(bias_ratio, (conv.bias.grad.norm() / conv.weight.grad.norm()).item())
             sgd_step([*conv.parameters(), *layer.parameters()], lr=0.02)
         cos[backward] = (worst, bias_ratio)
-    assert cos['exact'][0] < 0.03 and cos['authors'][0] > 0.02 and cos['exact'][0] < cos['authors'][0] / 3
+    # Not tolerances but the two regimes, an order of magnitude apart: the exact backward's |cos| is second order in
+    # the kernel's change over the window (measured ~1e-3 here), the authors' first order (measured ~0.07). The
+    # thresholds sit between them with a factor >= 3 to each side.
+    assert cos['exact'][0] < 0.01 and cos['authors'][0] > 0.02 and cos['exact'][0] < cos['authors'][0] / 3
     if bias:
         assert cos['exact'][1] < cos['authors'][1] / 3

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from cbn_mmdet.ops import (ConvSpec, channel_dots, compensate, conv_stat_grads, history_grad, kernel_products,
                            subsample_plan, window_moments)
 
-from ..models.test_cbn_reference import CONV_VARIANTS as CONVS
+from ..models.common import CONV_VARIANTS as CONVS
 
 
 def test_subsample_plan():
@@ -44,6 +44,8 @@ def brute_force(u, conv, select):
     (3, 13, 3, lambda x: x[:, :, ::3]),  # rows, a remainder
 ])
 def test_conv_stat_grads_match_autograd(variant, n, h, ratio, select):
+    # fp64 closed forms against brute-force Jacobians of the same fp64 convs: a few roundings of O(1) values
+    # (u = 1.1e-16) per sum of <= 2*12*13 terms, far below 1e-10 relative / 1e-12 absolute
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, bias=False, **CONVS[variant]).double()
     u = torch.randn(n, 4, h, h + 1, dtype=torch.float64)
@@ -52,7 +54,10 @@ def test_conv_stat_grads_match_autograd(variant, n, h, ratio, select):
     assert how == {1: 'all'}.get(ratio, 'samples' if n >= 8 * ratio else 'rows')
     spec = ConvSpec(conv.weight.detach(), None, u, conv.stride, conv.padding, conv.dilation, conv.groups)
     grads = conv_stat_grads(spec, x, mu, subsample=ratio)
+    # the CUDA/TF32 path: the weight-gradient of the centred x, the same result in exact arithmetic
+    centred = conv_stat_grads(spec, x, mu, subsample=ratio, centre_first=True)
     groups = conv.groups
+    torch.testing.assert_close(centred.g_s, g_s_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads.g_mu, g_mu_ref.view(groups, 6 // groups, *g_mu_ref.shape[1:])[:, 0],
                                rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(grads.g_s, g_s_ref, rtol=1e-10, atol=1e-12)
@@ -83,10 +88,15 @@ def test_autocast_does_not_lower_the_statistics_precision():
     mu = x.mean((0, 2, 3))
     exact = conv_stat_grads(spec, x, mu)
     products = kernel_products(exact.g_mu, exact.g_s, spec.weight)
+    comp = compensate(mu[None], x.var((0, 2, 3), unbiased=False)[None], exact.g_mu[None], exact.g_s[None],
+                      products[0][None], products[1][None], None, spec.weight * 1.1, None)
+    rows = torch.ones(1)
+    history = history_grad(comp, mu, exact.g_mu[None], exact.g_s[None], rows, rows.sum() + 1)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         mixed = conv_stat_grads(spec, x, mu)
         mixed_products = kernel_products(mixed.g_mu, mixed.g_s, spec.weight)
-    for a, b in zip((*exact, *products), (*mixed, *mixed_products)):
+        mixed_history = history_grad(comp, mu, mixed.g_mu[None], mixed.g_s[None], rows, rows.sum() + 1)
+    for a, b in zip((*exact, *products, *history), (*mixed, *mixed_products, *mixed_history)):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -151,6 +161,7 @@ def test_history_grad_is_the_derivative_of_the_forward(groups, with_bias, ratio)
     d = hist.mean_patch.shape[1]
     g_kernel = (a.view(groups, -1, 1) * hist.mean_patch.view(groups, 1, d)
                 + c.view(groups, -1, 1) * hist.var_kernel.view(groups, -1, d)).reshape(kernel.shape)
+    # fp64, the same sums in another order: a few roundings (u = 1.1e-16) of O(1) values
     torch.testing.assert_close(g_kernel, kernel.grad, rtol=1e-10, atol=1e-12)
     if with_bias:
         torch.testing.assert_close(a * hist.mean_bias + c * hist.var_bias, bias_t.grad, rtol=1e-10, atol=1e-12)

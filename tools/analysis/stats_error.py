@@ -155,7 +155,8 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsampl
                 var_t, mu_t = batch_stats[layer]
                 est = {'CBN': train_stats[layer], 'BN': (mu_t, var_t)}
                 h = pre[norm]
-                est['Naive'] = window_moments(torch.cat([mu_t[None], h['mu']]), torch.cat([var_t[None], h['s']])) \
+                est['Naive'] = window_moments(torch.cat([mu_t[None], h['mu']]), torch.cat([var_t[None], h['s']]),
+                                              torch.cat([h['w'].new_ones(1), h['w']])) \
                     if h is not None else (mu_t, var_t)
                 for name in ESTIMATORS:
                     errors[(layer, name)].append((step, *relative_stat_errors(*est[name], *pops[layer])))
