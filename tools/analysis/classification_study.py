@@ -376,6 +376,8 @@ def parse_args(argv=None):
     p.add_argument('--lr-base', type=float, default=0.1, help='lr = lr_base * batch size / 32')
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one thread each')
     p.add_argument('--out', default='work_dirs/analysis/classification_study')
+    p.add_argument('--summarize', action='store_true',
+                   help='train nothing: summarize and plot the requested runs that are on disk')
     args = p.parse_args(argv)
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
@@ -397,6 +399,8 @@ def main(argv=None):
     os.makedirs(osp.join(args.out, 'runs'), exist_ok=True)
     jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base)
             for bs in sorted(args.batch_sizes, reverse=True) for s in args.seeds for v in args.variants]
+    if args.summarize:
+        jobs = [j for j in jobs if osp.exists(run_path(*j[:5]))]
     todo = [j for j in jobs if not osp.exists(run_path(*j[:5]))]
     print(f'{len(jobs) - len(todo)} of {len(jobs)} runs done; running {len(todo)} with {args.jobs} jobs', flush=True)
     if todo:

@@ -42,6 +42,10 @@ def test_tiny_study_resumes_and_summarizes(tmp_path):
     assert marker.stat().st_mtime_ns == mtime and (tmp_path / 'runs' / 'digits_bn_bs16_seed1.json').exists()
     assert again['table']['bn@32']['mean'] == summary['table']['bn@32']['mean']
     assert summary['table']['cbn_exact@32']['seeds'] == [0, 1] and bn0 > 0 and cbn0 > 0
+    # --summarize trains nothing: a missing combination is left out, the table holds what is on disk
+    only = study.main(TINY + ['--variants', 'bn', 'gn', '--out', out, '--summarize'])
+    assert 'gn@16' not in only['table'] and only['table']['bn@16']['mean'] == again['table']['bn@16']['mean']
+    assert not any(name.startswith('digits_gn') for name in os.listdir(tmp_path / 'runs'))
     # another schedule in the same folder is refused instead of mixed in
     with pytest.raises(ValueError, match='--epochs/--model/--lr-base'):
         study.main(TINY + ['--variants', 'bn', '--out', out, '--lr-base', '0.2'])
