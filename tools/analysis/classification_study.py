@@ -425,7 +425,7 @@ def main(argv=None):
     with open(osp.join(args.out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
     plot(table, args.variants, sorted(args.batch_sizes), osp.join(args.out, 'top1_vs_batch.png'),
-         f'{args.dataset}, {args.epochs} epochs, {len(args.seeds)} seeds')
+         f'{args.dataset}, {args.epochs} epochs, up to {len(args.seeds)} seeds per point')
     for key, row in table.items():
         print(f"{key:22s} {row['mean']:6.2f} +- {row['std']:.2f}  (train {row['train_top1']:.1f}, "
               f"|cos| {row['abs_cos']:.3f})")
