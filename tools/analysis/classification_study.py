@@ -25,7 +25,8 @@ Variants:
 * ``cbn_authors``: CBN with the authors' backward (history constant);
 * ``cbn_exact``: CBN with the exact backward (the derivative through the compensation's dependence on the kernel);
 * ``probe_m`` / ``probe_m_exact``: the backward counts the batch's ``m`` values instead of the window's ``n*m``
-  (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart;
+  (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart. The
+  probe changes the x-gradient's count only; the exact backward's history terms keep their ``w/n`` weights;
 * ``cbn``: the layer's default options (what a user gets).
 
 ``--model plain --seeds 100 101 102 --epochs 2 --lr-base 0.05`` is the held-out check: its own network (four plain
