@@ -295,8 +295,9 @@ def test_channels_last_equals_contiguous(input_cl, kernel_cl, backward, device):
     The two layouts reduce in different orders, so they agree to the rounding of their sums, not bit for bit: a sum
     of m terms in fp32 is off by at most ~log2(m) u (pairwise/blocked reductions, which every CPU and GPU backend
     uses) relative to the sum of the magnitudes; with m <= 2*7*5*36 and u = 6e-8 that is < 1e-6, and the
-    normalization and the window add a few roundings more. 1e-5 leaves a factor ~10 for them. TF32 is off. "Relative" is to the size of what is summed: the conv bias's gradient is ``sum dL/dx`` over N*H*W
-    positions, which nearly cancels (it is 0 for BN), so its scale is ``sum |dL/dx|``, not its own value."""
+    normalization and the window add a few roundings more. 1e-5 leaves a factor ~10 for them. TF32 is off.
+    "Relative" is to the size of what is summed: the conv bias's gradient is ``sum dL/dx`` over N*H*W positions,
+    which nearly cancels (it is 0 for BN), so its scale is ``sum |dL/dx|``, not its own value."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 8, 3, padding=1).to(device)
     layer = CBN(8, window_size=3, backward=backward).to(device)
