@@ -166,10 +166,10 @@ class CBNStatsErrorHook(Hook):
         mu_t, s_t = batch_moments(x.detach())
         replay = getattr(module, '_replay', None)
         if isinstance(module, CrossIterationBatchNorm2d) and replay is not None and torch.equal(replay.mu_t, mu_t):
-            self._frozen[module] = (replay.mu_bar.clone(), replay.var_bar.clone())
+            self._frozen[module] = (replay.stats.mu_bar.clone(), replay.stats.var_bar.clone())
             entry = self._estimates.setdefault(module, {})
             # a device count on the layer (skipped iterations weigh 0); read here, at a measured step, not in the layer
-            entry.update(CBN=self._frozen[module], BN=(mu_t, s_t), n_iters=round(float(replay.n_iters)))
+            entry.update(CBN=self._frozen[module], BN=(mu_t, s_t), n_iters=round(float(replay.stats.n_iters)))
             window = entry.get('window')
             entry['Naive'] = (mu_t, s_t) if window is None else window_moments(  # skipped iterations weigh 0
                 torch.cat([mu_t[None], window[0]]), torch.cat([s_t[None], window[1]]),

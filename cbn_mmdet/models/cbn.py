@@ -124,19 +124,6 @@ class _Replay(NamedTuple):
     stats: _Stats
     pushed: bool
 
-    # the stats hook and the analysis tools read these
-    @property
-    def mu_bar(self) -> Tensor:
-        return self.stats.mu_bar
-
-    @property
-    def var_bar(self) -> Tensor:
-        return self.stats.var_bar
-
-    @property
-    def n_iters(self) -> Union[int, Tensor]:
-        return self.stats.n_iters
-
 
 class _BackwardFlag:
     """Set when backward runs through the layer; tells an unmanaged layer that a new iteration has begun."""

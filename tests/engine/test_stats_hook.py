@@ -136,8 +136,8 @@ def test_errors_match_an_independent_computation(tmp_path):
                      0.0, 1e-5)
     x1 = F.conv2d(h, p['conv1.weight'].double(), p['conv1.bias'].double(), padding=1)
     batch1, replay1 = spy.seen['bn1']
-    h = torch.relu(F.batch_norm(x1, replay1.mu_bar.double(), replay1.var_bar.double(), p['bn1.weight'].double(),
-                                p['bn1.bias'].double(), False, 0.0, 1e-5))
+    h = torch.relu(F.batch_norm(x1, replay1.stats.mu_bar.double(), replay1.stats.var_bar.double(),
+                                p['bn1.weight'].double(), p['bn1.bias'].double(), False, 0.0, 1e-5))
     x2 = F.conv2d(h, p['conv2.weight'].double(), None, padding=1, stride=2)
     batch2, replay2 = spy.seen['bn2']
     for name, x, batch, replay in (('bn1', x1, batch1, replay1), ('bn2', x2, batch2, replay2)):
@@ -145,7 +145,7 @@ def test_errors_match_an_independent_computation(tmp_path):
         errors = records[name]['errors']
         assert records[name]['n_iters'] == 4
         np.testing.assert_allclose(errors['BN'], relative_stat_errors(*batch, *pop), rtol=1e-5)
-        np.testing.assert_allclose(errors['CBN'], relative_stat_errors(replay.mu_bar, replay.var_bar, *pop),
+        np.testing.assert_allclose(errors['CBN'], relative_stat_errors(replay.stats.mu_bar, replay.stats.var_bar, *pop),
                                    rtol=1e-5)
         assert abs(errors['CBN'][0] - errors['Naive'][0]) > 1e-4  # compensation moved the window
         assert all(e > 0 for est in errors.values() for e in est)

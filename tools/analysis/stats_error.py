@@ -148,7 +148,7 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsampl
         if measure or k > 1:
             thetas = [c.weight.detach().clone() for c in model.convs]
         if measure:
-            train_stats = [(n._replay.mu_bar, n._replay.var_bar) for n in model.norms]
+            train_stats = [(n._replay.stats.mu_bar, n._replay.stats.var_bar) for n in model.norms]
             batch_stats = [torch.var_mean(inputs[layer][1], dim=(0, 2, 3), correction=0) for layer in range(3)]
             pops = population(model, big, train_stats)
             for layer, norm in enumerate(model.norms):
