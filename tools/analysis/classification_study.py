@@ -27,7 +27,11 @@ Variants:
 * ``probe_m`` / ``probe_m_exact``: the backward counts the batch's ``m`` values instead of the window's ``n*m``
   (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart. The
   probe changes the x-gradient's count only; the exact backward's history terms keep their ``w/n`` weights;
-* ``cbn``: the layer's default options (what a user gets).
+* ``cbn``: the layer's default options (what a user gets);
+* ``oracle`` (control, :class:`OracleNorm`): Taylor-free. The preceding conv is rerun with the current kernel on the
+  inputs it had in the window's earlier iterations, so the window statistics are exact at the current weights,
+  except for the truncation of earlier layers (their outputs are stored, not recomputed). Autograd differentiates
+  it, through the current kernel too. It tells what the Taylor compensation loses, at k times the conv's cost.
 
 ``--model plain --seeds 100 101 102 --epochs 2 --lr-base 0.05`` is the held-out check: its own network (four plain
 conv -> norm -> ReLU layers), seeds and schedule, run once the default was chosen on the ResNet runs.
@@ -64,7 +68,7 @@ sys.path.insert(0, ROOT)
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
 
-VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn')
+VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle')
 MODELS = ('resnet', 'plain')
 CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe); 'cbn' is the layer's defaults
     'cbn': (True, None, False),
@@ -99,7 +103,70 @@ def load_dataset(name: str):
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
+class OracleNorm(nn.BatchNorm2d):
+    """The Taylor-free oracle: BN whose statistics, once the window is open, are those of the current batch and of
+    the preceding conv rerun with the *current* kernel on its stored inputs of the last ``k - 1`` iterations (equal
+    weights, the variance from the averaged second moments). Everything is autograd, so the gradient is the exact
+    derivative of this forward. ``attach`` names the conv; ``begin_iteration`` has CBN's signature. Running statistics:
+    an EMA (momentum 0.1) of the window statistics, unbiased by the window's count, as CBN keeps."""
+
+    def __init__(self, channels: int, k: int):
+        super().__init__(channels)
+        self.k = k
+        self._conv = []  # in a list: not a submodule, so its parameters are not registered twice
+        self._inputs = []
+        self._current = None
+        self._use_window = self._collect = False
+
+    def attach(self, conv: nn.Conv2d) -> None:
+        self._conv = [conv]
+        conv.register_forward_pre_hook(self._capture)
+
+    def _capture(self, conv, args):
+        if self.training:
+            self._current = args[0].detach()
+
+    def begin_iteration(self, it, use_window=True, collect=True):
+        self._use_window, self._collect = use_window, collect
+        if not collect:
+            self._inputs = []
+
+    def forward(self, y):
+        if not self.training or not (self._use_window and self._inputs):
+            out = super().forward(y)
+        else:
+            conv = self._conv[0]
+            outs = [y] + [conv._conv_forward(x, conv.weight, conv.bias) for x in self._inputs]
+            counts = torch.tensor([o.numel() / o.shape[1] for o in outs], dtype=y.dtype, device=y.device)
+            means = torch.stack([o.mean((0, 2, 3)) for o in outs])
+            second = torch.stack([o.pow(2).mean((0, 2, 3)) for o in outs])
+            w = (counts / counts.sum())[:, None]
+            mu = (w * means).sum(0)
+            var = ((w * second).sum(0) - mu.pow(2)).clamp_min(0)
+            out = (y - mu[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+            out = out * self.weight[:, None, None] + self.bias[:, None, None]
+            with torch.no_grad():
+                n = counts.sum()
+                self.running_mean.mul_(0.9).add_(0.1 * mu)
+                self.running_var.mul_(0.9).add_(0.1 * var * n / (n - 1).clamp_min(1))
+        if self.training and self._collect and self._current is not None:
+            self._inputs = ([self._current] + self._inputs)[:self.k - 1]
+        return out
+
+
+def attach_oracles(model: nn.Module) -> None:
+    """Give every :class:`OracleNorm` the conv registered just before it (conv -> norm in both models here)."""
+    conv = None
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            conv = m
+        elif isinstance(m, OracleNorm):
+            m.attach(conv)
+
+
 def make_norm(variant: str, channels: int, k: int) -> nn.Module:
+    if variant == 'oracle':
+        return OracleNorm(channels, k)
     if variant == 'bn':
         return nn.BatchNorm2d(channels)
     if variant == 'gn':
@@ -207,7 +274,7 @@ def precise_statistics(model, x, batch=200):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average
-        if isinstance(m, CrossIterationBatchNorm2d):
+        if isinstance(m, (CrossIterationBatchNorm2d, OracleNorm)):
             m.begin_iteration(-1, use_window=False, collect=False)
     model.train()
     for i in range(0, len(x) - batch + 1, batch):
@@ -224,13 +291,16 @@ def accuracy(model, x, y, batch=500):
     return 100.0 * correct / len(x)
 
 
-def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50, model_name='resnet', lr_base=0.1):
+def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50, model_name='resnet', lr_base=0.1,
+              device='cpu'):
     """Train one model; returns the run's record (test/train top-1, kernel-gradient geometry, time)."""
     torch.set_num_threads(1)
-    train_x, train_y, test_x, test_y = data if data is not None else load_dataset(dataset)
+    train_x, train_y, test_x, test_y = (t.to(device) for t in (data if data is not None else load_dataset(dataset)))
     k = resolve_auto_window(batch_size)
     torch.manual_seed(seed)
     model = build_model(model_name, lambda c: make_norm(variant, c, k))
+    attach_oracles(model)
+    model.to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1]
     rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
     lr = lr_base * batch_size / 32
@@ -239,11 +309,11 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
     per_epoch = len(train_x) // batch_size
     total = per_epoch * epochs
     burnin = total // 4
-    cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    cbns = [m for m in model.modules() if isinstance(m, (CrossIterationBatchNorm2d, OracleNorm))]
     convs = conv_before_norm(model)
     gen = torch.Generator().manual_seed(1000 + seed)
     batch_ema = BatchStatsEMA(cbns) if cbns else None
-    cos_sum, cos_n, start = np.zeros(len(convs)), 0, time.process_time()
+    cos_sum, cos_n, start, wall = np.zeros(len(convs)), 0, time.process_time(), time.time()
     it = 0
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=gen)
@@ -252,7 +322,7 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 layer.begin_iteration(it, use_window=it >= burnin, collect=it >= burnin - (k - 1))
             for group in optim.param_groups:
                 group['lr'] = 0.5 * lr * (1 + math.cos(math.pi * it / total))
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            idx = order[b * batch_size:(b + 1) * batch_size].to(device)
             loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
             optim.zero_grad(set_to_none=True)
             loss.backward()
@@ -279,7 +349,7 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 train_top1=accuracy(model, train_x, train_y),
                 abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
                 kernel_norm=float(np.mean([c.weight.norm().item() for c in convs])),
-                cpu_seconds=time.process_time() - start)
+                cpu_seconds=time.process_time() - start, wall_seconds=time.time() - wall, device=str(device))
 
 
 def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStatsEMA:
@@ -295,9 +365,11 @@ def run_path(out, dataset, variant, bs, seed):
 
 
 def _worker(job):
-    out, dataset, variant, bs, seed, epochs, model_name, lr_base = job
+    out, dataset, variant, bs, seed, epochs, model_name, lr_base, device, deadline = job
     path = run_path(out, dataset, variant, bs, seed)
-    record = train_one(dataset, variant, bs, seed, epochs, model_name=model_name, lr_base=lr_base)
+    if deadline is not None and time.time() > deadline:
+        return None  # --time-budget spent: left for a later (resumed) run
+    record = train_one(dataset, variant, bs, seed, epochs, model_name=model_name, lr_base=lr_base, device=device)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(record, f, indent=1)
@@ -378,6 +450,9 @@ def parse_args(argv=None):
                    help="'plain' is the held-out check's own network (with its own seeds and schedule)")
     p.add_argument('--lr-base', type=float, default=0.1, help='lr = lr_base * batch size / 32')
     p.add_argument('--jobs', type=int, default=2, help='runs in parallel, one thread each')
+    p.add_argument('--device', default='cpu', help="torch device of every run, e.g. 'cuda' (default: cpu)")
+    p.add_argument('--time-budget', type=float, default=None,
+                   help='seconds: start no run after this (the runs left are trained by a later, resumed call)')
     p.add_argument('--out', default='work_dirs/analysis/classification_study')
     p.add_argument('--summarize', action='store_true',
                    help='train nothing: summarize and plot the requested runs that are on disk')
@@ -400,7 +475,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(osp.join(args.out, 'runs'), exist_ok=True)
-    jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base)
+    deadline = None if args.time_budget is None else time.time() + args.time_budget
+    jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base, args.device, deadline)
             for bs in sorted(args.batch_sizes, reverse=True) for s in args.seeds for v in args.variants]
     if args.summarize:
         jobs = [j for j in jobs if osp.exists(run_path(*j[:5]))]
@@ -413,6 +489,7 @@ def main(argv=None):
         else:
             with get_context('spawn').Pool(args.jobs) as pool:
                 list(pool.imap_unordered(_worker, todo))
+    jobs = [j for j in jobs if osp.exists(run_path(*j[:5]))]  # a --time-budget may leave runs out
     records = []
     for j in jobs:
         with open(run_path(*j[:5])) as f:

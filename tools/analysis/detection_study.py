@@ -10,7 +10,8 @@ each of:
 * ``bn-small``: BN, ``--images-per-iter`` images per iteration (default 2);
 * ``gn``: GN (32 groups), the same images per iteration;
 * ``naive-cbn``: Naive CBN, k=4 (no Taylor compensation), the same images per iteration;
-* ``cbn``: CBN, k=4, the same images per iteration;
+* ``cbn-authors``: CBN, k=4, with the authors' backward (the compensated history held constant);
+* ``cbn``: CBN, k=4, the layer's default options (the exact backward), the same images per iteration;
 * ``bn-large``: BN at ``--large-batch`` images per iteration (default 8 = 4 x 2, the effective example count of
   the k=4 window), the upper bound; the same number of iterations and learning rate, so it also sees 4x the images.
 
@@ -18,13 +19,16 @@ Every (method, seed) trains ``--iters`` iterations with the toy config's schedul
 warm-up, lr steps at 75% and 92%), CBN burn-in for the first sixth, and is then evaluated once with MMDetection's
 CocoMetric on the toy val split. Runs go through mmengine's Runner (``tools/train.py``), ``--jobs`` at a time, each
 in its own process with ``--threads`` torch threads. Each run's config, log and metrics stay in ``--out/runs/``.
+A run whose ``metrics.json`` is on disk with the same settings is not run again, so an interrupted study resumes
+where it stopped (and a pretraining run's checkpoint is reused the same way).
 
 By default the backbone trains from scratch with BN at the run's batch. ``--pretrain-iters N`` first trains a BN
 model for N iterations and loads its backbone, frozen with its BN, into every run (the paper's "fixed BN" backbone,
 which also removes the upstream drift that CBN's compensation truncates); ``--backbone-checkpoint`` uses a given
 checkpoint instead.
 
-Writes ``detection_study.json`` (per-run metrics, per-method mean +- std, CPU seconds) and
+Writes ``detection_study.json`` (per-run metrics, per-method mean +- std, CPU seconds, and the paired differences
+of ``PAIRS`` over the seeds that both methods ran: mean, standard error and 95% t-interval) and
 ``detection_study.png`` into ``--out`` (default ``work_dirs/analysis/detection_study``).
 """
 import argparse
@@ -45,10 +49,14 @@ NORMS = {
     'bn-small': "dict(type='BN', requires_grad=True)",
     'gn': "dict(type='GN', num_groups=32, requires_grad=True)",
     'naive-cbn': "dict(type='CBN', window_size=4, compensate=False, requires_grad=True)",
+    'cbn-authors': "dict(type='CBN', window_size=4, backward='authors', requires_grad=True)",
     'cbn': "dict(type='CBN', window_size=4, requires_grad=True)",
     'bn-large': "dict(type='BN', requires_grad=True)",
 }
 METHODS = tuple(NORMS)
+# paired differences (a - b) reported per seed: what the exact backward changes, and where it stands
+PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'), ('gn', 'cbn'), ('gn', 'bn-small'),
+         ('cbn', 'naive-cbn'), ('bn-large', 'cbn'))
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 
 
@@ -137,6 +145,10 @@ def launch(args, method: str, seed: int) -> dict:
     """One run in a child process (clean registries, its own thread count); its metrics.json."""
     work_dir = osp.join(args.out, 'runs', f'{method}_seed{seed}')
     os.makedirs(work_dir, exist_ok=True)
+    done = _finished(work_dir, args, method)
+    if done is not None:
+        print(f'  {method:<10} seed {seed}: on disk, not run again', flush=True)
+        return done
     cmd = [sys.executable, osp.abspath(__file__), '--single', method, str(seed), '--iters', str(args.iters),
            '--images-per-iter', str(args.images_per_iter), '--large-batch', str(args.large_batch), '--lr',
            str(args.lr), '--threads', str(args.threads), '--out', args.out, '--data-root', args.data_root,
@@ -157,6 +169,45 @@ def launch(args, method: str, seed: int) -> dict:
     print(f"  {method:<10} seed {seed}: bbox mAP {result['bbox_mAP']:.3f}  mAP50 {result['bbox_mAP_50']:.3f}  "
           f"({result['train_cpu_s']:.0f} CPU s)", flush=True)
     return result
+
+
+def _finished(work_dir: str, args, method: str):
+    """The run's metrics when it is on disk with this command's settings (and its checkpoint, when one is asked
+    for); None when it must run. A run with other settings makes the study stop rather than mix them."""
+    path = osp.join(work_dir, 'metrics.json')
+    if not osp.exists(path):
+        return None
+    with open(path) as f:
+        result = json.load(f)
+    want = dict(iters=args.iters, lr=args.lr, window_size=args.window_size,
+                stat_grad_subsample=args.stat_grad_subsample, backbone_checkpoint=args.backbone_checkpoint,
+                images_per_iter=args.large_batch if method == 'bn-large' else args.images_per_iter)
+    have = {key: result.get(key) for key in want}
+    if have != want:
+        raise ValueError(f'detection_study: {path} was run with {have}, not with this command\'s {want}: '
+                         'use another --out')
+    if getattr(args, 'save_checkpoint', False) and not (result.get('checkpoint') and osp.exists(result['checkpoint'])):
+        return None
+    return result
+
+
+def paired(runs) -> dict:
+    """``a - b`` per metric over the seeds both ran: n, mean, standard error and the 95% t-interval's half-width."""
+    from scipy import stats
+    by = {(r['method'], r['seed']): r for r in runs}
+    out = {}
+    for a, b in PAIRS:
+        seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+        if len(seeds) < 2:
+            continue
+        row = dict(n=len(seeds), seeds=seeds)
+        for key in METRICS:
+            d = np.array([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
+            sem = float(d.std(ddof=1) / np.sqrt(len(d)))
+            row[key] = dict(mean=float(d.mean()), sem=sem, ci95=float(stats.t.ppf(0.975, len(d) - 1) * sem),
+                            min=float(d.min()), max=float(d.max()))
+        out[f'{a} - {b}'] = row
+    return out
 
 
 def summarize(runs) -> dict:
@@ -266,7 +317,8 @@ def main(argv=None):
     runs = run_all(args, jobs)
     settings = {k: v for k, v in vars(args).items() if k != 'single'}
     result = dict(settings=settings, pretrain=pretrain, wall_s=time.time() - start,
-                  cpu_s=float(sum(r['train_cpu_s'] for r in runs)), runs=runs, summary=summarize(runs))
+                  cpu_s=float(sum(r['train_cpu_s'] for r in runs)), runs=runs, summary=summarize(runs),
+                  paired=paired(runs))
     os.makedirs(args.out, exist_ok=True)
     with open(osp.join(args.out, 'detection_study.json'), 'w') as f:
         json.dump(result, f, indent=1)
@@ -275,6 +327,10 @@ def main(argv=None):
     for method, row in result['summary'].items():
         print(f"{method:<12}{row['images_per_iter']:>7}{row['bbox_mAP'][0]:>11.3f} +- {row['bbox_mAP'][1]:.3f}"
               f"{row['bbox_mAP_50'][0]:>11.3f} +- {row['bbox_mAP_50'][1]:.3f}")
+    for name, row in result['paired'].items():
+        d = row['bbox_mAP']
+        print(f"{name:<24} bbox mAP {d['mean']:+.3f} +- {d['ci95']:.3f} (95%, {row['n']} seeds; "
+              f"min {d['min']:+.3f}, max {d['max']:+.3f})")
     print(f"{len(runs)} runs, {result['cpu_s'] / 60:.1f} CPU min of training, {result['wall_s'] / 60:.1f} min wall; "
           f'written {args.out}')
     return result
