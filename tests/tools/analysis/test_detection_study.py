@@ -15,32 +15,40 @@ import cbn_mmdet  # noqa: F401
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
+sys.path.insert(0, osp.join(ROOT, 'tools'))
 
 import detection_stats_error  # noqa: E402
 import detection_study  # noqa: E402
+import head_stats_study  # noqa: E402
 
 
 def test_study_tiny_run(tmp_path):
     out = tmp_path / 'study'
-    result = detection_study.main(['--methods', 'bn-small', 'naive-cbn', 'bn-large', '--seeds', '0', '1', '--iters',
-                                   '6', '--large-batch', '3', '--pretrain-iters', '4', '--out', str(out),
-                                   '--data-root', str(tmp_path / 'data')])
+    argv = ['--methods', 'bn-small', 'cbn-authors', 'bn-large', '--seeds', '0', '1', '--iters', '6',
+            '--large-batch', '3', '--pretrain-iters', '4', '--out', str(out), '--data-root', str(tmp_path / 'data')]
+    result = detection_study.main(argv)
     with open(out / 'detection_study.json') as f:
         saved = json.load(f)
     assert saved['summary'] == json.loads(json.dumps(result['summary']))
-    assert sorted(saved['summary']) == ['bn-large', 'bn-small', 'naive-cbn']
+    assert sorted(saved['summary']) == ['bn-large', 'bn-small', 'cbn-authors']
     for method, row in saved['summary'].items():
         assert row['n'] == 2 and row['images_per_iter'] == (3 if method == 'bn-large' else 2)
         for key in detection_study.METRICS:
             mean, std = row[key]
             assert 0 <= mean <= 1 and std >= 0
     assert {(r['method'], r['seed']) for r in saved['runs']} == {
-        (m, s) for m in ('bn-small', 'naive-cbn', 'bn-large') for s in (0, 1)}
+        (m, s) for m in ('bn-small', 'cbn-authors', 'bn-large') for s in (0, 1)}
+    # paired differences, per seed, from the runs
+    by = {(r['method'], r['seed']): r for r in saved['runs']}
+    pair = saved['paired']['cbn-authors - bn-small']
+    assert pair['n'] == 2 and pair['seeds'] == [0, 1] and set(saved['paired']) == {'cbn-authors - bn-small'}
+    assert math.isclose(pair['bbox_mAP']['mean'], sum(by[('cbn-authors', s)]['bbox_mAP'] - by[('bn-small', s)][
+        'bbox_mAP'] for s in (0, 1)) / 2, abs_tol=1e-12)
     assert all(r['iters'] == 6 and r['train_cpu_s'] > 0 for r in saved['runs'])
     assert (out / 'detection_study.png').stat().st_size > 1000
     # each run's config normalizes the neck and the box head with its method, and nothing else is left over
     for method, norm in (('bn-small', dict(type='BN', requires_grad=True)),
-                         ('naive-cbn', dict(type='CBN', window_size=4, compensate=False, requires_grad=True))):
+                         ('cbn-authors', dict(type='CBN', window_size=4, backward='authors', requires_grad=True))):
         cfg = Config.fromfile(str(out / 'runs' / f'{method}_seed1' / 'config.py'))
         assert cfg.model.neck.norm_cfg == norm and cfg.model.roi_head.bbox_head.norm_cfg == norm
         assert cfg.randomness.seed == 1 and cfg.train_dataloader.batch_size == 2
@@ -56,6 +64,44 @@ def test_study_tiny_run(tmp_path):
     state = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')['state_dict']  # weights_only loader
     backbone = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     assert backbone and all(torch.equal(model.backbone.state_dict()[k], v) for k, v in backbone.items())
+    # resume: the runs on disk are not run again (the pretraining run included); other settings are refused
+    metrics = out / 'runs' / 'bn-small_seed0' / 'metrics.json'
+    stamp = metrics.stat().st_mtime_ns, (out / 'pretrain' / 'runs' / 'bn-small_seed100' / 'metrics.json').stat(
+    ).st_mtime_ns
+    again = detection_study.main(argv)
+    assert again['summary'] == result['summary']
+    assert stamp == (metrics.stat().st_mtime_ns, (out / 'pretrain' / 'runs' / 'bn-small_seed100' / 'metrics.json'
+                                                   ).stat().st_mtime_ns)
+    with pytest.raises(ValueError, match="use another --out"):
+        detection_study.main(argv[:-4] + ['--lr', '0.01', '--out', str(out), '--data-root', str(tmp_path / 'data')])
+
+
+def test_head_stats_study_and_precise_bn_tool(tmp_path):
+    """tools/precise_bn.py and the head-statistics study on a tiny trained BN model (the pretraining run)."""
+    out = tmp_path / 'study'
+    detection_study.main(['--methods', 'bn-small', '--seeds', '0', '--iters', '4', '--save-checkpoint',
+                          '--out', str(out), '--data-root', str(tmp_path / 'data')])
+    summary = head_stats_study.main(['--study', str(out), '--methods', 'bn-small', '--seeds', '0', '--num-images',
+                                     '4', '--conditions', 'head-test', 'head-train'])
+    assert {(r['condition'], len(r['layers'])) for r in summary['runs']} == {('head-test', 4), ('head-train', 4)}
+    for r in summary['runs']:
+        assert all(name.startswith('roi_head.') for name in r['layers'])
+        assert 0 <= r['bbox_mAP'] <= 1 and r['trained']['bbox_mAP'] >= 0
+    assert set(summary['paired']) == {'bn-small: head-test - trained', 'bn-small: head-train - trained'}
+    # the tool: only the head's statistics change, to those it measured
+    import precise_bn
+    run = out / 'runs' / 'bn-small_seed0'
+    result = precise_bn.main([str(run / 'config.py'), str(run / 'iter_4.pth'), '--num-images', '4', '--out',
+                              str(tmp_path / 'precise.pth'), '--work-dir', str(tmp_path / 'work')])
+    before = CheckpointLoader.load_checkpoint(str(run / 'iter_4.pth'), map_location='cpu')['state_dict']
+    saved = CheckpointLoader.load_checkpoint(str(tmp_path / 'precise.pth'), map_location='cpu')
+    assert saved['meta']['precise_bn']['source'] == 'test' and len(result['layers']) == 4
+    changed = {k for k, v in saved['state_dict'].items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith('roi_head.') and k.endswith(('running_mean', 'running_var'))
+                           for k in changed)
+    with pytest.raises(ValueError, match='no BN/CBN layer'):
+        precise_bn.main([str(run / 'config.py'), str(run / 'iter_4.pth'), '--modules', 'nothing', '--work-dir',
+                         str(tmp_path / 'work')])
 
 
 def test_stats_error_tiny_run(tmp_path):
