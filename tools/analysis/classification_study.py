@@ -31,7 +31,11 @@ Variants:
 * ``oracle`` (control, :class:`OracleNorm`): Taylor-free. The preceding conv is rerun with the current kernel on the
   inputs it had in the window's earlier iterations, so the window statistics are exact at the current weights,
   except for the truncation of earlier layers (their outputs are stored, not recomputed). Autograd differentiates
-  it, through the current kernel too. It tells what the Taylor compensation loses, at k times the conv's cost.
+  it, through the current kernel too. It tells what the Taylor compensation loses, at k times the conv's cost;
+* ``ideal`` (control): BN whose batch is the ``bs`` training images plus ``(k - 1) * bs`` other random training
+  images, with the loss on the ``bs`` images only. Its statistics are what a window of k iterations could at best
+  be: as many images, all fresh at the current weights of every layer (no truncation, no Taylor term). If it does
+  no better than BN at ``bs``, statistics over more images are not what the small batch lacks.
 
 ``--model plain --seeds 100 101 102 --epochs 2 --lr-base 0.05`` is the held-out check: its own network (four plain
 conv -> norm -> ReLU layers), seeds and schedule, run once the default was chosen on the ResNet runs.
@@ -68,7 +72,7 @@ sys.path.insert(0, ROOT)
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
 
-VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle')
+VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle', 'ideal')
 MODELS = ('resnet', 'plain')
 CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe); 'cbn' is the layer's defaults
     'cbn': (True, None, False),
@@ -167,7 +171,7 @@ def attach_oracles(model: nn.Module) -> None:
 def make_norm(variant: str, channels: int, k: int) -> nn.Module:
     if variant == 'oracle':
         return OracleNorm(channels, k)
-    if variant == 'bn':
+    if variant in ('bn', 'ideal'):
         return nn.BatchNorm2d(channels)
     if variant == 'gn':
         return nn.GroupNorm(8, channels)
@@ -312,6 +316,8 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
     cbns = [m for m in model.modules() if isinstance(m, (CrossIterationBatchNorm2d, OracleNorm))]
     convs = conv_before_norm(model)
     gen = torch.Generator().manual_seed(1000 + seed)
+    extra = (k - 1) * batch_size if variant == 'ideal' else 0
+    gen_extra = torch.Generator().manual_seed(2000 + seed)  # apart from gen: the batches are every variant's
     batch_ema = BatchStatsEMA(cbns) if cbns else None
     cos_sum, cos_n, start, wall = np.zeros(len(convs)), 0, time.process_time(), time.time()
     it = 0
@@ -323,7 +329,12 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
             for group in optim.param_groups:
                 group['lr'] = 0.5 * lr * (1 + math.cos(math.pi * it / total))
             idx = order[b * batch_size:(b + 1) * batch_size].to(device)
-            loss = F.cross_entropy(model(train_x[idx]), train_y[idx])
+            if extra:  # 'ideal': statistics over the window's number of fresh images, loss on the batch's own
+                more = torch.randint(len(train_x), (extra, ), generator=gen_extra).to(device)
+                logits = model(torch.cat([train_x[idx], train_x[more]]))[:batch_size]
+            else:
+                logits = model(train_x[idx])
+            loss = F.cross_entropy(logits, train_y[idx])
             optim.zero_grad(set_to_none=True)
             loss.backward()
             if it % log_every == 0 and it >= burnin:  # kernel gradient against kernel (BN: ~0, scale-invariance)
