@@ -521,9 +521,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             # enters neither the averages nor the running statistics, through torch.where and zero weights
             finite = torch.isfinite(mu_t).all() & torch.isfinite(s_t).all()
         if self._replays and _in_backward():
-            position = self._find_replay(x)
-            if position is not None:
-                return self._replay_forward(x, mu_t, s_t, finite, position)
+            positions = self._find_replay(x)
+            if positions:
+                return self._replay_forward(x, mu_t, s_t, finite, positions)
 
         counted = k > 1 and (self._use_window or self._collect)
         windowed = counted
@@ -621,15 +621,43 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._replays.extend([None] * (position + 1 - len(self._replays)))
         self._replays[position] = replay
 
-    def _find_replay(self, x: Tensor) -> Optional[int]:
-        """The call a checkpoint recomputation repeats: the one with the input's shape (FPN levels differ in
-        size), among several such the latest not yet replayed (backward runs in reverse order). A wrong pick is
-        caught by the replay's input check."""
+    def _find_replay(self, x: Tensor) -> List[int]:
+        """The calls a checkpoint recomputation may repeat: those of this iteration with the input's shape (FPN
+        levels differ in size), else every call (the replay's input check then fails)."""
         shape = tuple(x.shape)
         calls = [c for c, r in enumerate(self._replays) if r is not None]
-        same = [c for c in calls if self._replays[c].shape == shape] or calls
-        fresh = [c for c in same if not self._replays[c].replayed]
-        return (fresh or same or [None])[-1]
+        return [c for c in calls if self._replays[c].shape == shape] or calls
+
+    def _pick_replay(self, mu_t: Tensor, positions: List[int]) -> Tuple[_Replay, Optional[int]]:
+        """The replay of the call a recomputation repeats, and its position where the host knows it.
+
+        One candidate: that call. Several calls of one shape (the order of recomputation is the autograd engine's):
+        the one whose batch mean this input has, chosen on the device; its statistics are gathered by a device
+        index, so the host never reads which. That needs every candidate already pushed and alike in kind;
+        otherwise the first not yet replayed is taken, and the input check catches a wrong pick.
+        """
+        replays = [self._replays[c] for c in positions]
+        fresh = [c for c in positions if not self._replays[c].replayed]
+        if len(replays) == 1 or not all(r.pushed for r in replays) or len(
+                {(r.stats.hist is None, isinstance(r.stats.n_iters, Tensor)) for r in replays}) > 1:
+            position = (fresh or positions)[0]
+            return self._replays[position], position
+        match = torch.stack([torch.isclose(mu_t, r.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all() for r in replays])
+        index = match.to(mu_t.dtype).argmax().view(1)  # the first match (0 if none: the input check then fails)
+
+        def pick(values):
+            return torch.stack(list(values)).index_select(0, index)[0]
+
+        stats = [r.stats for r in replays]
+        n_iters = stats[0].n_iters
+        if isinstance(n_iters, Tensor):
+            n_iters = pick(st.n_iters for st in stats)
+        elif any(st.n_iters != n_iters for st in stats):
+            n_iters = pick(torch.tensor(float(st.n_iters), dtype=mu_t.dtype, device=mu_t.device) for st in stats)
+        hist = None if stats[0].hist is None else HistoryGrad(*(pick(f) for f in zip(*(st.hist for st in stats))))
+        picked = _Stats(pick(st.mu_bar for st in stats), pick(st.var_bar for st in stats), n_iters,
+                        stats[0].m_total, hist)  # m_total: the running statistics are not updated again
+        return _Replay(pick(r.mu_t for r in replays), picked, True, replays[0].shape, True), None
 
     def _window_stats(self, x, mu_t, s_t, finite, conv, window, position: int = 0) -> _Stats:
         """Eq. 7-11 over the window: what this batch is normalized with, and the exact backward's history terms."""
@@ -726,10 +754,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self._replay_mismatches is not None and int(self._replay_mismatches) > 0:
             raise RuntimeError(f'{self._replay_message()} ({int(self._replay_mismatches)} times)')
 
-    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor, position: int) -> Tensor:
-        """A checkpoint recomputation of the call at ``position``: the same statistics as its first forward, and at
-        most one push, into that call's window."""
-        replay = self._replays[position]
+    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor, positions: List[int]) -> Tensor:
+        """A checkpoint recomputation of one of the calls at ``positions``: the same statistics as its first forward,
+        and at most one push, into that call's window."""
+        replay, position = self._pick_replay(mu_t, positions)
         # checked without reading a bool on the host: on the CPU an asynchronous assert raises at once; on CUDA a
         # device-side assert would poison the context, so a device counter is kept and check_replays() raises
         same = torch.isclose(mu_t, replay.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all()
@@ -746,7 +774,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if conv is None and not replay.pushed:
                 self._warn_once(f'cannot collect its window because {why}')
         y = self._normalize(x, stats, conv)
-        if not replay.pushed and conv is not None:
-            self._push(conv, x, mu_t, s_t, finite, position)
-        self._replays[position] = replay._replace(pushed=True, replayed=True)
+        if position is not None:
+            if not replay.pushed and conv is not None:
+                self._push(conv, x, mu_t, s_t, finite, position)
+            self._replays[position] = replay._replace(pushed=True, replayed=True)
         return y
