@@ -605,6 +605,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._last_version = kernel._version if kernel is not None else None
         return self._call
 
+    def next_call_position(self, x: Tensor) -> int:
+        """The call position a training forward of ``x`` would take now, without taking it (for hooks that look at
+        the window before the call, as CBNStatsErrorHook does)."""
+        k = self.window_size
+        counted = isinstance(k, int) and k > 1 and (self._use_window or self._collect)
+        if not (counted or self._managed):
+            return 0
+        conv = self._find_conv(x)[0] if counted and x.numel() else None
+        return 0 if self._new_iteration(self._kernel_of(conv)) else self._call + 1
+
+    @property
+    def call_position(self) -> int:
+        """The position of the latest training call within its iteration (-1 before any)."""
+        return self._call
+
     def _check_calls(self, calls: int, which: str) -> None:
         """Learn the number of training calls per iteration from the first windowed iteration; refuse a change."""
         if self._calls is None:
