@@ -249,7 +249,7 @@ def test_shared_head_is_measured_per_call(tmp_path):
     at = 9
     spy = CallSpy(at)
     hook = CBNStatsErrorHook(interval=10, num_images=8, chunk=3)
-    runner = make_runner(tmp_path / 'measured', [spy, hook], max_iters=at + 3, model=SharedNet)
+    runner = make_runner(tmp_path / 'shared_measured', [spy, hook], max_iters=at + 3, model=SharedNet)
     runner.train()
     records = {(r['layer'], r['call']): r for r in hook.records}
     assert sorted(records) == [('bn1', 0), ('head_bn', 0), ('head_bn', 1)]
@@ -279,7 +279,7 @@ def test_shared_head_is_measured_per_call(tmp_path):
     assert any('cbn_stats/head_bn/call1/CBN_mu' in row for row in logged)
     assert any('cbn_stats/bn1/CBN_mu' in row for row in logged)
 
-    plain = make_runner(tmp_path / 'plain', [], max_iters=at + 3, model=SharedNet)
+    plain = make_runner(tmp_path / 'shared_plain', [], max_iters=at + 3, model=SharedNet)
     plain.train()
     for (name, a), (_, b) in zip(plain.model.named_parameters(), model.named_parameters()):
         assert torch.equal(a, b), name
