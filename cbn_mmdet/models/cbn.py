@@ -377,6 +377,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return [0 if w is None else w.count for w in self._windows]
 
     @property
+    def window_nbytes(self) -> int:
+        """Bytes held by the windows of every call position (memory grows with the calls per iteration)."""
+        return sum(v.nbytes for w in self._windows if w is not None for v in w.tensors.values() if v is not None)
+
+    @property
     def calls_per_iteration(self) -> Optional[int]:
         """Training calls per iteration, once a windowed iteration has ended (None before)."""
         return self._calls
