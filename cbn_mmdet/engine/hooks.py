@@ -50,7 +50,8 @@ class CBNBurnInHook(Hook):
     opens, and no statistics gradient is computed before then. The hook also resolves ``window_size='auto'``
     (``k = min(ceil(16 / images per GPU), 8)``, Sec. 4.3, images per GPU read from ``train_dataloader.batch_size``),
     saves every layer's window in training checkpoints under ``'cbn_windows'`` and restores it on resume, so a
-    resumed run continues with full windows. The iteration index comes from the runner, so the burn-in position
+    resumed run continues with full windows (a layer of a head shared across FPN levels: one window per call
+    position; checkpoints written before per-call windows restore the first position). The iteration index comes from the runner, so the burn-in position
     resumes with it.
 
     Args:

@@ -14,8 +14,14 @@ and CBN) is frozen to exactly the statistics it used in the training forward, so
 its own estimation error, not upstream error carried along. The pass runs after the optimizer step with the
 pre-step parameters swapped in, and the random-number state is restored afterwards: training is not changed.
 
-Logged per measured layer to the visualizer (``cbn_stats/<layer>/<estimator>_mu|sd``), as means over layers to the
-message hub (``train/cbn_err_mu_CBN`` ...), and written to ``<work_dir>/cbn_stats_error.json`` at the end.
+A layer called several times per iteration (a head shared across FPN levels) is measured per call position: each
+call against the population of its own level, with the window of that position. Its calls in the population pass
+are frozen call by call, and the pass takes no call position (it does not run the layers' forward).
+
+Logged per measured layer to the visualizer (``cbn_stats/<layer>/<estimator>_mu|sd``; per position
+``cbn_stats/<layer>/call<c>/...`` for a layer called several times), as means over layers and positions to the
+message hub (``train/cbn_err_mu_CBN`` ...), and written to ``<work_dir>/cbn_stats_error.json`` at the end (one record
+per layer and call position, with its ``call``).
 Errors are ``||mu_est - mu_pop|| / ||sd_pop||`` and ``||sd_est - sd_pop|| / ||sd_pop||`` over channels.
 Main process only; it costs one no-grad forward over ``num_images`` images per measurement.
 """

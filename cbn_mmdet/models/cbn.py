@@ -65,7 +65,7 @@ def _leaf_parameter(node) -> Optional[Tensor]:
 
 
 class _Window:
-    """The last ``capacity`` iterations of one layer, as a ring buffer of stacked tensors.
+    """The last ``capacity`` iterations of one layer's call position, as a ring buffer of stacked tensors.
 
     Per stored iteration: ``g_s`` (one kernel-sized tensor), ``g_mu`` (one patch per group), and the per-channel
     ``mu``, ``s``, ``p_mu = <g_mu, W_tau>``, ``p_s = <g_s, W_tau>``, the conv bias ``bias``, the count ``m`` and the
@@ -183,10 +183,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
       layer warns once and acts as plain BN (k=1); it never falls back to naive averaging.
     * **Iterations**: with :class:`~cbn_mmdet.engine.CBNBurnInHook` the hook marks iterations. Without it a new
       iteration begins at a training forward when, since the previous one, a backward pass ran through the layer
-      or the conv's kernel changed. A second forward in the same iteration (a layer shared between FPN levels)
-      raises an error naming the layer. Empty (N=0) calls do not count; a non-finite call does (see below).
+      (an empty call's included) or the conv's kernel changed.
+    * **Several calls per iteration** (a head shared across FPN levels, as in RetinaNet, FCOS, ATSS or GFL, which
+      run each head conv once per level, P3 to P7 in order): the c-th training call of an iteration keeps the c-th
+      window, compensated against that call's own input, so each level averages with its own history. Every
+      training call takes a position, empty and non-finite ones included (an empty call stores nothing, a
+      non-finite one a weight-0 slot); eval-mode forwards and checkpoint recomputations take none. The number of
+      calls per iteration is learnt from the first iteration with windows; a later iteration with another number
+      raises an error naming the layer and both counts (:meth:`reset_window` starts afresh). Window memory grows
+      with the number of calls (RetinaNet's head, k=4: 6.8 MiB per layer and level, 34 MiB per layer).
     * **Gradient checkpointing** (mmdet's ``with_cp=True``): the recomputation during backward replays the
-      statistics of the first forward and pushes the iteration once. A first forward without a graph
+      statistics of the first forward of the same call (found by the input's shape, or among calls of one shape
+      by its batch mean, on the device) and pushes the iteration once. A first forward without a graph
       (reentrant checkpointing) compensates with the kernel seen at the previous iteration and pushes the
       iteration at the recomputation.
     * **Non-finite statistics**: such an iteration is normalized with its own statistics (as BN would), and
@@ -198,9 +206,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         The running statistics follow an exponential moving average (``momentum``; cumulative when ``None``) of
         the statistics that actually normalized the batch: :math:`\bar\mu`, and :math:`\bar\sigma^2 n/(n-1)` with
         :math:`n` the number of values averaged (the sum of ``N*H*W`` over the iterations in the window). With
-        ``k=1`` this is exactly BN's update. In eval mode the layer is ``nn.BatchNorm2d``. The ``state_dict`` has
-        exactly BN's keys; the window is read and restored with :meth:`get_window_state` and
-        :meth:`set_window_state`.
+        ``k=1`` this is exactly BN's update. A layer called several times per iteration updates them once per
+        call, as BN in a shared head does: with momentum 0.1 the last calls weigh most (in RetinaNet's head P7
+        0.1, P6 0.09, ... P3 0.066 of each iteration's update), so the evaluation statistics lean towards the
+        coarse levels P6 and P7, exactly as with BN. In eval mode the layer is ``nn.BatchNorm2d``. The
+        ``state_dict`` has exactly BN's keys; the windows (one per call position) are read and restored with
+        :meth:`get_window_state` and :meth:`set_window_state`.
 
     Args:
         num_features (int): C of the (N, C, H, W) input.

@@ -70,11 +70,13 @@ class Images(Dataset):
 
 
 class Spy(Hook):
-    """Independently records, at one iteration, the pre-step weights and what each layer normalized with."""
+    """Independently records, at one iteration, the pre-step weights and what each layer normalized with: per
+    layer (batch moments, replay), or with ``every_call`` a list of them, one per call."""
     priority = 'VERY_HIGH'
 
-    def __init__(self, at):
+    def __init__(self, at, names=('bn0', 'bn1', 'bn2'), every_call=False):
         self.at, self.seen, self.handles = at, {}, []
+        self.names, self.every_call = names, every_call
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         if runner.iter != self.at:
@@ -84,10 +86,14 @@ class Spy(Hook):
 
         def grab(name):
             def hook(module, args, out):
-                self.seen[name] = (batch_moments(args[0].detach()), getattr(module, '_replay', None))
+                seen = (batch_moments(args[0].detach()), getattr(module, '_replay', None))
+                if self.every_call:
+                    self.seen.setdefault(name, []).append(seen)
+                else:
+                    self.seen[name] = seen
             return hook
 
-        for name in ('bn0', 'bn1', 'bn2'):
+        for name in self.names:
             self.handles.append(getattr(model, name).register_forward_hook(grab(name)))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
@@ -224,30 +230,12 @@ def test_unknown_layer_names_raise(tmp_path):
         runner.train()
 
 
-class CallSpy(Spy):
-    """Spy that keeps every call of a module: (batch moments, replay) per call, in call order."""
-
-    def before_train_iter(self, runner, batch_idx, data_batch=None):
-        if runner.iter != self.at:
-            return
-        model = runner.model
-        self.seen['params'] = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-        def grab(name):
-            def hook(module, args, out):
-                self.seen.setdefault(name, []).append((batch_moments(args[0].detach()), getattr(module, '_replay', None)))
-            return hook
-
-        for name in ('bn0', 'bn1', 'head_bn'):
-            self.handles.append(getattr(model, name).register_forward_hook(grab(name)))
-
-
 def test_shared_head_is_measured_per_call(tmp_path):
     """A layer called once per level: one record per call position, each against that level's own population and
     the statistics that call normalized with; the measurement forwards take no call position (the next iterations
     run on, and training is bit-identical with and without the hook)."""
     at = 9
-    spy = CallSpy(at)
+    spy = Spy(at, names=('bn0', 'bn1', 'head_bn'), every_call=True)
     hook = CBNStatsErrorHook(interval=10, num_images=8, chunk=3)
     runner = make_runner(tmp_path / 'shared_measured', [spy, hook], max_iters=at + 3, model=SharedNet)
     runner.train()
