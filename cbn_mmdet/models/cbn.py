@@ -599,13 +599,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         more than the previous call's. Host integers only.
 
         ``counted`` (the call uses or fills windows) holds the iteration to the number of calls per iteration seen
-        before; a layer whose windows are not used (k=1, early burn-in) and that is not driven by the hook keeps
-        position 0, as it needs no position.
+        before. Calls that are not counted (k=1, early burn-in) still take positions: their checkpoint replays are
+        kept per call.
         """
-        if not (counted or self._managed):
-            self._call, self._counted = 0, False
-            self._replays = []
-            return 0
         kernel = self._kernel_of(conv)
         if self._new_iteration(kernel):
             if self._counted and self._call >= 0:
@@ -626,8 +622,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         the window before the call, as CBNStatsErrorHook does)."""
         k = self.window_size
         counted = isinstance(k, int) and k > 1 and (self._use_window or self._collect)
-        if not (counted or self._managed):
-            return 0
         conv = self._find_conv(x)[0] if counted and x.numel() else None
         return 0 if self._new_iteration(self._kernel_of(conv)) else self._call + 1
 
