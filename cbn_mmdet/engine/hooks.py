@@ -161,6 +161,6 @@ class CBNBurnInHook(Hook):
         for name, state in states.items():
             if name in layers:
                 layers[name].set_window_state(state)
-                restored += int(state.get('count', 0) > 0)
+                restored += any(sub.get('count', 0) > 0 for sub in [state, *(state.get('later_calls') or ())])
         if states:
             runner.logger.info(f'CBNBurnInHook: restored the windows of {restored} CBN layers from the checkpoint')

@@ -663,8 +663,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """
         replays = [self._replays[c] for c in positions]
         fresh = [c for c in positions if not self._replays[c].replayed]
-        if len(replays) == 1 or not all(r.pushed for r in replays) or len(
-                {(r.stats.hist is None, isinstance(r.stats.n_iters, Tensor)) for r in replays}) > 1:
+        kinds = {(r.stats.hist is None, 'tensor' if isinstance(r.stats.n_iters, Tensor) else r.stats.n_iters)
+                 for r in replays}
+        if len(replays) == 1 or not all(r.pushed for r in replays) or len(kinds) > 1:
             position = (fresh or positions)[0]
             return self._replays[position], position
         match = torch.stack([torch.isclose(mu_t, r.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all() for r in replays])
@@ -674,11 +675,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return torch.stack(list(values)).index_select(0, index)[0]
 
         stats = [r.stats for r in replays]
-        n_iters = stats[0].n_iters
+        n_iters = stats[0].n_iters  # an int is the same for all (checked above)
         if isinstance(n_iters, Tensor):
             n_iters = pick(st.n_iters for st in stats)
-        elif any(st.n_iters != n_iters for st in stats):
-            n_iters = pick(torch.tensor(float(st.n_iters), dtype=mu_t.dtype, device=mu_t.device) for st in stats)
         hist = None if stats[0].hist is None else HistoryGrad(*(pick(f) for f in zip(*(st.hist for st in stats))))
         picked = _Stats(pick(st.mu_bar for st in stats), pick(st.var_bar for st in stats), n_iters,
                         stats[0].m_total, hist)  # m_total: the running statistics are not updated again
