@@ -51,8 +51,8 @@ class CBNBurnInHook(Hook):
     (``k = min(ceil(16 / images per GPU), 8)``, Sec. 4.3, images per GPU read from ``train_dataloader.batch_size``),
     saves every layer's window in training checkpoints under ``'cbn_windows'`` and restores it on resume, so a
     resumed run continues with full windows (a layer of a head shared across FPN levels: one window per call
-    position; checkpoints written before per-call windows restore the first position). The iteration index comes from the runner, so the burn-in position
-    resumes with it.
+    position; checkpoints written before per-call windows restore the first position). The iteration index comes
+    from the runner, so the burn-in position resumes with it.
 
     Args:
         burnin_epochs (int, optional): Burn-in length in epochs (the paper uses 3 on COCO).

@@ -123,7 +123,8 @@ class SharedNet(BaseModel):
         ys = [self.head_bn(self.head_conv(h)) for h in self.levels(x)]
         if mode != 'loss':
             return ys
-        return dict(loss=sum((y - 0.5 * i).square().mean() + y.mean((0, 2, 3)).square().sum() for i, y in enumerate(ys)))
+        return dict(loss=sum((y - 0.5 * i).square().mean() + y.mean((0, 2, 3)).square().sum()
+                             for i, y in enumerate(ys)))
 
 
 def make_runner(work_dir, hooks, max_iters, k=4, compensate=True, lr=0.05, with_cp=False, model=Net):
