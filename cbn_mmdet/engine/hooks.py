@@ -50,8 +50,9 @@ class CBNBurnInHook(Hook):
     opens, and no statistics gradient is computed before then. The hook also resolves ``window_size='auto'``
     (``k = min(ceil(16 / images per GPU), 8)``, Sec. 4.3, images per GPU read from ``train_dataloader.batch_size``),
     saves every layer's window in training checkpoints under ``'cbn_windows'`` and restores it on resume, so a
-    resumed run continues with full windows. The iteration index comes from the runner, so the burn-in position
-    resumes with it.
+    resumed run continues with full windows (a layer of a head shared across FPN levels: one window per call
+    position; checkpoints written before per-call windows restore the first position). The iteration index comes
+    from the runner, so the burn-in position resumes with it.
 
     Args:
         burnin_epochs (int, optional): Burn-in length in epochs (the paper uses 3 on COCO).
@@ -160,6 +161,6 @@ class CBNBurnInHook(Hook):
         for name, state in states.items():
             if name in layers:
                 layers[name].set_window_state(state)
-                restored += int(state.get('count', 0) > 0)
+                restored += any(sub.get('count', 0) > 0 for sub in [state, *(state.get('later_calls') or ())])
         if states:
             runner.logger.info(f'CBNBurnInHook: restored the windows of {restored} CBN layers from the checkpoint')

@@ -14,8 +14,14 @@ and CBN) is frozen to exactly the statistics it used in the training forward, so
 its own estimation error, not upstream error carried along. The pass runs after the optimizer step with the
 pre-step parameters swapped in, and the random-number state is restored afterwards: training is not changed.
 
-Logged per measured layer to the visualizer (``cbn_stats/<layer>/<estimator>_mu|sd``), as means over layers to the
-message hub (``train/cbn_err_mu_CBN`` ...), and written to ``<work_dir>/cbn_stats_error.json`` at the end.
+A layer called several times per iteration (a head shared across FPN levels) is measured per call position: each
+call against the population of its own level, with the window of that position. Its calls in the population pass
+are frozen call by call, and the pass takes no call position (it does not run the layers' forward).
+
+Logged per measured layer to the visualizer (``cbn_stats/<layer>/<estimator>_mu|sd``; per position
+``cbn_stats/<layer>/call<c>/...`` for a layer called several times), as means over layers and positions to the
+message hub (``train/cbn_err_mu_CBN`` ...), and written to ``<work_dir>/cbn_stats_error.json`` at the end (one record
+per layer and call position, with its ``call``).
 Errors are ``||mu_est - mu_pop|| / ||sd_pop||`` and ``||sd_est - sd_pop|| / ||sd_pop||`` over channels.
 Main process only; it costs one no-grad forward over ``num_images`` images per measurement.
 """
@@ -34,7 +40,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models.cbn import CrossIterationBatchNorm2d
+from ..models.cbn import CrossIterationBatchNorm2d, _in_backward
 from ..ops import batch_moments, relative_stat_errors, window_moments
 from .hooks import cbn_layers
 
@@ -144,38 +150,45 @@ class CBNStatsErrorHook(Hook):
                 self._handles.append(module.register_forward_hook(self._capture))
 
     def _snapshot(self, module, args) -> None:
-        """Before the forward: the window as the layer sees it (this iteration not yet pushed).
-
-        Only the first call counts: a checkpoint recomputation during backward comes after the push.
-        """
-        if module in self._estimates or module in self._frozen:
-            return
-        if isinstance(module, CrossIterationBatchNorm2d) and module._window is not None and module._window.count:
-            view = module._window.view()
-            self._estimates[module] = dict(window=(view['mu'].clone(), view['s'].clone(), view['w'].clone()))
-
-    def _capture(self, module, args, output) -> None:
-        """After the forward: the statistics the layer normalized with, and the batch's own (first call only)."""
-        if module in self._frozen:
+        """Before the forward: the window of the call position it takes, as the layer sees it (this iteration not
+        yet pushed). A checkpoint recomputation during backward (after the push) is not a call."""
+        if _in_backward() or not isinstance(module, CrossIterationBatchNorm2d) or not module.training:
             return
         x = args[0]
+        if not x.numel():
+            return
+        position = module.next_call_position(x)
+        window = module.window_at(position)
+        if window is not None and window.count:
+            view = window.view()
+            self._estimates.setdefault(module, {})[position] = dict(
+                window=(view['mu'].clone(), view['s'].clone(), view['w'].clone()))
+
+    def _capture(self, module, args, output) -> None:
+        """After the forward: the statistics the layer normalized with, and the batch's own, per call (a head
+        shared across FPN levels calls its layers once per level)."""
+        if _in_backward():
+            return
+        x = args[0]
+        frozen = self._frozen.setdefault(module, [])
         if x.numel() == 0 or not module.training:
-            if not module.training and module.running_mean is not None:
-                self._frozen[module] = (module.running_mean.clone(), module.running_var.clone())
+            # no statistics of its own: its running statistics (eval mode, or an empty RoI batch), if it has any
+            frozen.append(None if module.running_mean is None else
+                          (module.running_mean.clone(), module.running_var.clone()))
             return
         mu_t, s_t = batch_moments(x.detach())
         replay = getattr(module, '_replay', None)
         if isinstance(module, CrossIterationBatchNorm2d) and replay is not None and torch.equal(replay.mu_t, mu_t):
-            self._frozen[module] = (replay.stats.mu_bar.clone(), replay.stats.var_bar.clone())
-            entry = self._estimates.setdefault(module, {})
+            frozen.append((replay.stats.mu_bar.clone(), replay.stats.var_bar.clone()))
+            entry = self._estimates.setdefault(module, {}).setdefault(module.call_position, {})
             # a device count on the layer (skipped iterations weigh 0); read here, at a measured step, not in the layer
-            entry.update(CBN=self._frozen[module], BN=(mu_t, s_t), n_iters=round(float(replay.stats.n_iters)))
+            entry.update(CBN=frozen[-1], BN=(mu_t, s_t), n_iters=round(float(replay.stats.n_iters)))
             window = entry.get('window')
             entry['Naive'] = (mu_t, s_t) if window is None else window_moments(  # skipped iterations weigh 0
                 torch.cat([mu_t[None], window[0]]), torch.cat([s_t[None], window[1]]),
                 torch.cat([window[2].new_ones(1), window[2]]))
         else:
-            self._frozen[module] = (mu_t, s_t)
+            frozen.append((mu_t, s_t))
 
     # ------------------------------------------------------------------ the population pass
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -184,8 +197,8 @@ class CBNStatsErrorHook(Hook):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        measured = {name: layer for name, layer in self._layers.items()
-                    if layer in self._estimates and self._estimates[layer].get('n_iters', 1) > 1}
+        measured = {(name, call): layer for name, layer in self._layers.items()
+                    for call, entry in sorted(self._estimates.get(layer, {}).items()) if entry.get('n_iters', 1) > 1}
         if measured:
             population = self._population(runner, measured)
             self._record(runner, measured, population)
@@ -194,16 +207,19 @@ class CBNStatsErrorHook(Hook):
     @torch.no_grad()
     def _population(self, runner, measured) -> Dict[str, tuple]:
         model = self._model
-        sums = {name: [0.0, 0.0, 0] for name in measured}
-        names = {layer: name for name, layer in measured.items()}
+        sums = {key: [0.0, 0.0, 0] for key in measured}
+        names = {layer: name for (name, _), layer in measured.items()}
+        calls = {}  # per module, its calls so far in the current forward: the k-th uses the k-th call's statistics
         overridden = []
 
-        def frozen_forward(module, mu, var):
+        def frozen_forward(module, stats):
             def forward(x):
-                name = names.get(module)
-                if name is not None and x.numel():
+                call = calls[module] = calls.get(module, -1) + 1
+                mu, var = stats[call % len(stats)]
+                key = (names.get(module), call)
+                if key in sums and x.numel():
                     xd = x.detach().double()
-                    acc = sums[name]
+                    acc = sums[key]
                     acc[0] = acc[0] + xd.sum((0, 2, 3))
                     acc[1] = acc[1] + xd.square().sum((0, 2, 3))
                     acc[2] += x.numel() // x.shape[1]
@@ -212,24 +228,27 @@ class CBNStatsErrorHook(Hook):
             return forward
 
         for module in model.modules():
-            if isinstance(module, _BatchNorm) and module not in self._frozen:
-                # no statistics from the training forward (an empty RoI batch): its running statistics, else skip
-                if module.running_mean is None:
-                    runner.logger.warning(f'CBNStatsErrorHook: a {type(module).__name__} layer had no statistics '
-                                          f'in iteration {runner.iter}; no measurement')
-                    return {}
-                self._frozen[module] = (module.running_mean.clone(), module.running_var.clone())
+            if isinstance(module, _BatchNorm) and not self._frozen.get(module):
+                # not called in the training forward: its running statistics
+                self._frozen[module] = [None if module.running_mean is None else
+                                        (module.running_mean.clone(), module.running_var.clone())]
+            if isinstance(module, _BatchNorm) and any(stats is None for stats in self._frozen[module]):
+                # no statistics from the training forward (an empty RoI batch) and no running statistics: skip
+                runner.logger.warning(f'CBNStatsErrorHook: a {type(module).__name__} layer had no statistics '
+                                      f'in iteration {runner.iter}; no measurement')
+                return {}
         current = {}
         params = dict(model.named_parameters())
         try:
             for name, saved in self._params.items():  # the weights of the measured training forward
                 current[name] = params[name].detach().clone()
                 params[name].copy_(saved)
-            for module, (mu, var) in self._frozen.items():
-                module.forward = frozen_forward(module, mu, var)
+            for module, stats in self._frozen.items():
+                module.forward = frozen_forward(module, stats)
                 overridden.append(module)
             with _RNGState():
                 for batch in self._population_batches(runner):  # as mmengine's BaseModel._run_forward
+                    calls.clear()
                     if isinstance(batch, dict):
                         model(**batch, mode='loss')
                     else:
@@ -240,22 +259,25 @@ class CBNStatsErrorHook(Hook):
             for name, value in current.items():
                 params[name].copy_(value)
         out = {}
-        for name, (s1, s2, count) in sums.items():
+        for key, (s1, s2, count) in sums.items():
             if count:
                 mu = s1 / count
-                out[name] = (mu, (s2 / count - mu * mu).clamp(min=0))
+                out[key] = (mu, (s2 / count - mu * mu).clamp(min=0))
         return out
 
     def _record(self, runner, measured, population) -> None:
         step = runner.iter + 1
         scalars, means = {}, {}
-        for name, (mu_pop, var_pop) in population.items():
-            entry = self._estimates[measured[name]]
+        for (name, call), (mu_pop, var_pop) in population.items():
+            layer = measured[(name, call)]
+            entry = self._estimates[layer][call]
             errors = {est: relative_stat_errors(*entry[est], mu_pop, var_pop) for est in ESTIMATORS}
-            self.records.append(dict(iter=step, layer=name, n_iters=entry['n_iters'], errors=errors))
+            self.records.append(dict(iter=step, layer=name, call=call, n_iters=entry['n_iters'], errors=errors))
+            # a layer called once per level of a shared head: one series per call position (level)
+            tag = f'{name}/call{call}' if len(self._frozen.get(layer, ())) > 1 else name
             for est, (e_mu, e_sd) in errors.items():
-                scalars[f'cbn_stats/{name}/{est}_mu'] = e_mu
-                scalars[f'cbn_stats/{name}/{est}_sd'] = e_sd
+                scalars[f'cbn_stats/{tag}/{est}_mu'] = e_mu
+                scalars[f'cbn_stats/{tag}/{est}_sd'] = e_sd
                 means.setdefault(f'cbn_err_mu_{est}', []).append(e_mu)
                 means.setdefault(f'cbn_err_sd_{est}', []).append(e_sd)
         if scalars:

@@ -6,7 +6,7 @@ the running statistics and the fallbacks); the formulas live in :mod:`cbn_mmdet.
 import gc
 import math
 import warnings
-from typing import Dict, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +65,7 @@ def _leaf_parameter(node) -> Optional[Tensor]:
 
 
 class _Window:
-    """The last ``capacity`` iterations of one layer, as a ring buffer of stacked tensors.
+    """The last ``capacity`` iterations of one layer's call position, as a ring buffer of stacked tensors.
 
     Per stored iteration: ``g_s`` (one kernel-sized tensor), ``g_mu`` (one patch per group), and the per-channel
     ``mu``, ``s``, ``p_mu = <g_mu, W_tau>``, ``p_s = <g_s, W_tau>``, the conv bias ``bias``, the count ``m`` and the
@@ -120,9 +120,12 @@ class _Stats(NamedTuple):
 
 
 class _Replay(NamedTuple):
+    """One training call's statistics, for its checkpoint recomputation during backward."""
     mu_t: Tensor
     stats: _Stats
     pushed: bool
+    shape: Tuple[int, ...] = ()  # the input's shape: finds the call again (FPN levels differ in size)
+    replayed: bool = False
 
 
 class _BackwardFlag:
@@ -180,10 +183,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
       layer warns once and acts as plain BN (k=1); it never falls back to naive averaging.
     * **Iterations**: with :class:`~cbn_mmdet.engine.CBNBurnInHook` the hook marks iterations. Without it a new
       iteration begins at a training forward when, since the previous one, a backward pass ran through the layer
-      or the conv's kernel changed. A second forward in the same iteration (a layer shared between FPN levels)
-      raises an error naming the layer. Empty (N=0) calls do not count; a non-finite call does (see below).
+      (an empty call's included) or the conv's kernel changed.
+    * **Several calls per iteration** (a head shared across FPN levels, as in RetinaNet, FCOS, ATSS or GFL, which
+      run each head conv once per level, P3 to P7 in order): the c-th training call of an iteration keeps the c-th
+      window, compensated against that call's own input, so each level averages with its own history. Every
+      training call takes a position, empty and non-finite ones included (an empty call stores nothing, a
+      non-finite one a weight-0 slot); eval-mode forwards and checkpoint recomputations take none. The number of
+      calls per iteration is learnt from the first iteration with windows; a later iteration with another number
+      raises an error naming the layer and both counts (:meth:`reset_window` starts afresh). Window memory grows
+      with the number of calls (RetinaNet's head, k=4: 6.8 MiB per layer and level, 34 MiB per layer).
     * **Gradient checkpointing** (mmdet's ``with_cp=True``): the recomputation during backward replays the
-      statistics of the first forward and pushes the iteration once. A first forward without a graph
+      statistics of the first forward of the same call (found by the input's shape, or among calls of one shape
+      by its batch mean, on the device) and pushes the iteration once. A first forward without a graph
       (reentrant checkpointing) compensates with the kernel seen at the previous iteration and pushes the
       iteration at the recomputation.
     * **Non-finite statistics**: such an iteration is normalized with its own statistics (as BN would), and
@@ -195,9 +206,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         The running statistics follow an exponential moving average (``momentum``; cumulative when ``None``) of
         the statistics that actually normalized the batch: :math:`\bar\mu`, and :math:`\bar\sigma^2 n/(n-1)` with
         :math:`n` the number of values averaged (the sum of ``N*H*W`` over the iterations in the window). With
-        ``k=1`` this is exactly BN's update. In eval mode the layer is ``nn.BatchNorm2d``. The ``state_dict`` has
-        exactly BN's keys; the window is read and restored with :meth:`get_window_state` and
-        :meth:`set_window_state`.
+        ``k=1`` this is exactly BN's update. A layer called several times per iteration updates them once per
+        call, as BN in a shared head does: with momentum 0.1 the last calls weigh most (in RetinaNet's head P7
+        0.1, P6 0.09, ... P3 0.066 of each iteration's update), so the evaluation statistics lean towards the
+        coarse levels P6 and P7, exactly as with BN. In eval mode the layer is ``nn.BatchNorm2d``. The
+        ``state_dict`` has exactly BN's keys; the windows (one per call position) are read and restored with
+        :meth:`get_window_state` and :meth:`set_window_state`.
 
     Args:
         num_features (int): C of the (N, C, H, W) input.
@@ -256,7 +270,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.compensate = compensate
         self._stat_grad_subsample = stat_grad_subsample
         self._backward = backward
-        self._window: Optional[_Window] = None
+        # One window per call position within an iteration (a head shared across FPN levels is called once per
+        # level, in a fixed order): the c-th training call of an iteration uses and fills self._windows[c].
+        self._windows: List[Optional[_Window]] = []
+        self._call = -1  # position of the latest training call in the current iteration (-1: none yet)
+        self._calls: Optional[int] = None  # training calls per iteration, known once a windowed one has ended
+        self._counted = False  # whether the current iteration's calls are windowed (checked against _calls)
         # Iteration control. An unmanaged layer uses its window from the first iteration; CBNBurnInHook calls
         # begin_iteration() before every training iteration.
         self._managed = False
@@ -265,9 +284,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._collect = True
         self._last_mark = None
         self._last_version = None
-        self._called = False
         self._flag = _BackwardFlag()
-        self._replay: Optional[_Replay] = None
+        self._replays: List[Optional[_Replay]] = []  # per call position, for checkpoint recomputation
         self._conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # kernel and bias of the last push
         self._warned = False
         # analysis only (tools/analysis/classification_study.py): the backward counts the batch's m values, not the
@@ -285,7 +303,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def window_size(self, value) -> None:
         value = _check_window_size(value)
         if value != self._window_size:
-            self._window = None
+            self._windows = []
         self._window_size = value
 
     @property
@@ -328,33 +346,97 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._collect = collect
 
     def reset_window(self) -> None:
-        """Forget the stored iterations."""
-        self._window = None
-        self._replay = None
+        """Forget the stored iterations of every call position and the number of calls per iteration; the next
+        training call starts a new iteration."""
+        self._windows = []
+        self._replays = []
+        self._calls = None
+        self._call, self._counted = -1, False
+
+    @property
+    def _window(self) -> Optional[_Window]:
+        """The first call position's window (the only one of a layer called once per iteration)."""
+        return self._windows[0] if self._windows else None
+
+    @_window.setter
+    def _window(self, value: Optional[_Window]) -> None:
+        self._set_window(0, value)
+
+    def _set_window(self, position: int, value: Optional[_Window]) -> None:
+        if position >= len(self._windows):
+            self._windows.extend([None] * (position + 1 - len(self._windows)))
+        self._windows[position] = value
+
+    def window_at(self, position: int) -> Optional[_Window]:
+        """The window of the ``position``-th training call of an iteration (None if it holds nothing)."""
+        return self._windows[position] if 0 <= position < len(self._windows) else None
+
+    @property
+    def _replay(self) -> Optional[_Replay]:
+        """What the latest training call normalized with."""
+        return self._replays[self._call] if 0 <= self._call < len(self._replays) else None
 
     @property
     def window_length(self) -> int:
-        """How many past iterations the window holds now."""
+        """How many past iterations the window holds now (the first call position's; see :attr:`window_lengths`)."""
         return 0 if self._window is None else self._window.count
 
+    @property
+    def window_lengths(self) -> List[int]:
+        """How many past iterations each call position's window holds now: one entry per training call of an
+        iteration (5 for a head shared across P3-P7), ``[]`` before any was stored."""
+        return [0 if w is None else w.count for w in self._windows]
+
+    @property
+    def window_nbytes(self) -> int:
+        """Bytes held by the windows of every call position (memory grows with the calls per iteration)."""
+        return sum(v.nbytes for w in self._windows if w is not None for v in w.tensors.values() if v is not None)
+
+    @property
+    def calls_per_iteration(self) -> Optional[int]:
+        """Training calls per iteration, once a windowed iteration has ended (None before)."""
+        return self._calls
+
     # ------------------------------------------------------------------ state
+    @staticmethod
+    def _position_state(window: Optional[_Window]) -> dict:
+        if window is None or not window.count:
+            return dict(count=0, next=0, tensors={})
+        return dict(count=window.count, next=window.next,
+                    tensors={k: v.detach().cpu().clone() for k, v in window.tensors.items() if v is not None})
+
     def get_window_state(self) -> dict:
-        """The window history as a dict of CPU tensors, for checkpoints (the state_dict stays BN's)."""
-        w = self._window
-        state = dict(window_size=self.window_size, count=0, next=0, tensors={})
-        if w is not None and w.count:
-            state.update(count=w.count, next=w.next,
-                         tensors={k: v.detach().cpu().clone() for k, v in w.tensors.items() if v is not None})
+        """The window history as a dict of CPU tensors, for checkpoints (the state_dict stays BN's).
+
+        ``count``, ``next`` and ``tensors`` hold the first call position's window, as a layer called once per
+        iteration has always written them. A layer called several times per iteration (a head shared across FPN
+        levels) adds ``calls`` (its calls per iteration) and ``later_calls``, the same three fields for each later
+        position, in call order.
+        """
+        state = dict(window_size=self.window_size, **self._position_state(self._window))
+        if len(self._windows) > 1 or (self._calls or 1) > 1:
+            state.update(calls=self._calls, later_calls=[self._position_state(w) for w in self._windows[1:]])
         return state
 
     def set_window_state(self, state: dict) -> None:
-        """Restore what :meth:`get_window_state` returned."""
+        """Restore what :meth:`get_window_state` returned. A state without ``later_calls`` (written by a layer
+        called once per iteration, or before per-call windows existed) restores the first call position."""
         if not isinstance(state, dict) or not {'window_size', 'count', 'next', 'tensors'} <= set(state):
             raise ValueError(f'{self._describe()}: not a CBN window state: {type(state).__name__}')
         self.window_size = state['window_size']
-        self._window = None
-        if not state['count'] or self.window_size == 'auto' or self.window_size < 2:
+        self._windows = []
+        self._replays = []
+        self._calls = state.get('calls')
+        if self.window_size == 'auto' or self.window_size < 2:
             return
+        for position, sub in enumerate([state] + list(state.get('later_calls') or ())):
+            self._set_window(position, self._window_from_state(sub))
+        while self._windows and self._windows[-1] is None:
+            self._windows.pop()
+
+    def _window_from_state(self, state: dict) -> Optional[_Window]:
+        if not state['count']:
+            return None
         tensors = state['tensors']
         capacity = self.window_size - 1
         if tensors['mu'].shape != (capacity, self.num_features):
@@ -369,13 +451,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if window.tensors['w'] is None:  # written before skipped iterations had weights: every slot counted
             window.tensors['w'] = torch.ones_like(window.tensors['m'])
         window.count, window.next = int(state['count']), int(state['next'])
-        self._window = window
+        return window
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if self._window is not None:
-            self._window.apply(fn)  # follows the device; keeps the statistics dtype
-        self._replay = None
+        for window in self._windows:
+            if window is not None:
+                window.apply(fn)  # follows the device; keeps the statistics dtype
+        self._replays = []
         self._replay_mismatches = None
         return self
 
@@ -383,7 +466,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
         state = dict(state)
         state['_conv_params'] = None  # a reference into another module; found again at the next forward
-        state['_replay'] = None
+        state['_replays'] = []
         return state
 
     # ------------------------------------------------------------------ helpers
@@ -444,10 +527,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         if x.numel() == 0:
-            # An empty RoI batch: keep a graph to gamma and beta (DDP needs every parameter used); touch no state.
-            if self.affine:
-                return x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-            return x.clone()
+            return self._empty_forward(x)
         if not self.training:
             return super().forward(x)  # exactly nn.BatchNorm2d in eval
         k = self._active_k()
@@ -456,27 +536,42 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             # a device bool, never read on the host: a non-finite batch is normalized with its own statistics and
             # enters neither the averages nor the running statistics, through torch.where and zero weights
             finite = torch.isfinite(mu_t).all() & torch.isfinite(s_t).all()
-        if self._replay is not None and _in_backward():
-            return self._replay_forward(x, mu_t, s_t, finite)
+        if self._replays and _in_backward():
+            positions = self._find_replay(x)
+            if positions:
+                return self._replay_forward(x, mu_t, s_t, finite, positions)
 
-        windowed = k > 1 and (self._use_window or self._collect)
+        counted = k > 1 and (self._use_window or self._collect)
+        windowed = counted
         conv, why = self._find_conv(x) if windowed else (None, '')
         grad_mode = torch.is_grad_enabled()
         if windowed and conv is None and grad_mode:
             self._warn_once(f'cannot use its window because {why}')
             windowed = False
-        if windowed:
-            self._begin_call(conv)
+        position = self._begin_call(conv, counted)
         use_window = windowed and self._use_window
-        window = self._window if use_window else None
+        window = self.window_at(position) if use_window else None
         with torch.no_grad():
-            stats = self._window_stats(x, mu_t, s_t, finite, conv, window)
+            stats = self._window_stats(x, mu_t, s_t, finite, conv, window, position)
         y = self._normalize(x, stats, conv)
-        self._update_running_stats(stats, finite)
+        self._update_running_stats(stats, finite)  # once per call, as BN in a shared head
         pushed = windowed and self._collect and conv is not None
         if pushed:
-            self._push(conv, x, mu_t, s_t, finite)
-        self._replay = _Replay(mu_t, stats, pushed or not (windowed and self._collect))
+            self._push(conv, x, mu_t, s_t, finite, position)
+        self._set_replay(position, _Replay(mu_t, stats, pushed or not (windowed and self._collect), tuple(x.shape)))
+        return y
+
+    def _empty_forward(self, x: Tensor) -> Tensor:
+        """An empty RoI batch: keep a graph to gamma and beta (DDP needs every parameter used); no statistics. In
+        training it is a call like any other: it takes its call position (its window gets nothing), and a backward
+        through it tells an unmanaged layer that the iteration ended."""
+        y = x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else x.clone()
+        if self.training and not _in_backward():
+            k = self.window_size
+            self._begin_call(None, isinstance(k, int) and k > 1 and (self._use_window or self._collect))
+            if y.requires_grad:
+                flag = self._flag
+                y.register_hook(lambda grad: flag())
         return y
 
     def _normalize(self, x: Tensor, stats: _Stats, conv: Optional[ConvSpec]) -> Tensor:
@@ -488,26 +583,107 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return cbn_normalize(x, self.weight, self.bias, stats.mu_bar, stats.var_bar, n_iters, self.eps,
                              self._flag, kernel, conv_bias, stats.hist if kernel is not None else None)
 
-    def _begin_call(self, conv: Optional[ConvSpec]) -> None:
-        """Advance the iteration, or raise if this layer already ran in the current one."""
-        kernel = conv.weight if conv is not None else (self._conv_params[0] if self._conv_params else None)
-        version = kernel._version if kernel is not None else None
+    def _new_iteration(self, kernel: Optional[Tensor]) -> bool:
+        """Whether a training call now starts a new iteration: the hook's mark changed (managed), or since the
+        previous call a backward ran through the layer or the conv's kernel changed (unmanaged)."""
         if self._managed:
-            new = self._iter_mark != self._last_mark
+            return self._iter_mark != self._last_mark
+        version = kernel._version if kernel is not None else None
+        return self._call < 0 or self._flag.seen or (version is not None and version != self._last_version)
+
+    def _kernel_of(self, conv: Optional[ConvSpec]) -> Optional[Tensor]:
+        return conv.weight if conv is not None else (self._conv_params[0] if self._conv_params else None)
+
+    def _begin_call(self, conv: Optional[ConvSpec], counted: bool) -> int:
+        """The position of this training call within its iteration: 0 when it starts a new iteration, else one
+        more than the previous call's. Host integers only.
+
+        ``counted`` (the call uses or fills windows) holds the iteration to the number of calls per iteration seen
+        before. Calls that are not counted (k=1, early burn-in) still take positions: their checkpoint replays are
+        kept per call.
+        """
+        kernel = self._kernel_of(conv)
+        if self._new_iteration(kernel):
+            if self._counted and self._call >= 0:
+                self._check_calls(self._call + 1, 'the last')
+            self._call, self._counted = 0, counted
+            self._replays = []
         else:
-            new = not self._called or self._flag.seen or (version is not None and version != self._last_version)
-        if not new:
-            raise RuntimeError(
-                f'{self._describe()} was called twice in one training iteration (for example a head shared '
-                'across FPN levels). Its window holds one entry per iteration, so a second call would corrupt '
-                'it; give each call its own norm layer, or use BN/GN in the shared module.')
-        self._called = True
+            self._call += 1
+            if self._counted and self._calls is not None and self._call >= self._calls:
+                self._check_calls(self._call + 1, 'this')
         self._flag.seen = False
         self._last_mark = self._iter_mark
-        self._last_version = version
-        self._replay = None
+        self._last_version = kernel._version if kernel is not None else None
+        return self._call
 
-    def _window_stats(self, x, mu_t, s_t, finite, conv, window) -> _Stats:
+    def next_call_position(self, x: Tensor) -> int:
+        """The call position a training forward of ``x`` would take now, without taking it (for hooks that look at
+        the window before the call, as CBNStatsErrorHook does)."""
+        k = self.window_size
+        counted = isinstance(k, int) and k > 1 and (self._use_window or self._collect)
+        conv = self._find_conv(x)[0] if counted and x.numel() else None
+        return 0 if self._new_iteration(self._kernel_of(conv)) else self._call + 1
+
+    @property
+    def call_position(self) -> int:
+        """The position of the latest training call within its iteration (-1 before any)."""
+        return self._call
+
+    def _check_calls(self, calls: int, which: str) -> None:
+        """Learn the number of training calls per iteration from the first windowed iteration; refuse a change."""
+        if self._calls is None:
+            self._calls = calls
+        elif calls != self._calls:
+            raise RuntimeError(
+                f'{self._describe()} was called {calls} times in {which} training iteration, but {self._calls} '
+                'times in each earlier one. Its window is kept per call position (a head shared across FPN levels '
+                'is called once per level, in a fixed order), so every iteration must make the same calls; call '
+                'reset_window() to start afresh after a deliberate change.')
+
+    def _set_replay(self, position: int, replay: _Replay) -> None:
+        if position >= len(self._replays):
+            self._replays.extend([None] * (position + 1 - len(self._replays)))
+        self._replays[position] = replay
+
+    def _find_replay(self, x: Tensor) -> List[int]:
+        """The calls a checkpoint recomputation may repeat: those of this iteration with the input's shape (FPN
+        levels differ in size), else every call (the replay's input check then fails)."""
+        shape = tuple(x.shape)
+        calls = [c for c, r in enumerate(self._replays) if r is not None]
+        return [c for c in calls if self._replays[c].shape == shape] or calls
+
+    def _pick_replay(self, mu_t: Tensor, positions: List[int]) -> Tuple[_Replay, Optional[int]]:
+        """The replay of the call a recomputation repeats, and its position where the host knows it.
+
+        One candidate: that call. Several calls of one shape (the order of recomputation is the autograd engine's):
+        the one whose batch mean this input has, chosen on the device; its statistics are gathered by a device
+        index, so the host never reads which. That needs every candidate already pushed and alike in kind;
+        otherwise the first not yet replayed is taken, and the input check catches a wrong pick.
+        """
+        replays = [self._replays[c] for c in positions]
+        fresh = [c for c in positions if not self._replays[c].replayed]
+        kinds = {(r.stats.hist is None, 'tensor' if isinstance(r.stats.n_iters, Tensor) else r.stats.n_iters)
+                 for r in replays}
+        if len(replays) == 1 or not all(r.pushed for r in replays) or len(kinds) > 1:
+            position = (fresh or positions)[0]
+            return self._replays[position], position
+        match = torch.stack([torch.isclose(mu_t, r.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all() for r in replays])
+        index = match.to(mu_t.dtype).argmax().view(1)  # the first match (0 if none: the input check then fails)
+
+        def pick(values):
+            return torch.stack(list(values)).index_select(0, index)[0]
+
+        stats = [r.stats for r in replays]
+        n_iters = stats[0].n_iters  # an int is the same for all (checked above)
+        if isinstance(n_iters, Tensor):
+            n_iters = pick(st.n_iters for st in stats)
+        hist = None if stats[0].hist is None else HistoryGrad(*(pick(f) for f in zip(*(st.hist for st in stats))))
+        picked = _Stats(pick(st.mu_bar for st in stats), pick(st.var_bar for st in stats), n_iters,
+                        stats[0].m_total, hist)  # m_total: the running statistics are not updated again
+        return _Replay(pick(r.mu_t for r in replays), picked, True, replays[0].shape, True), None
+
+    def _window_stats(self, x, mu_t, s_t, finite, conv, window, position: int = 0) -> _Stats:
         """Eq. 7-11 over the window: what this batch is normalized with, and the exact backward's history terms."""
         m = x.numel() // x.shape[1]
         if window is None or window.count == 0:
@@ -517,7 +693,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return _Stats(mu_t, s_t, 1, m, None)
         h = window.view()
         if self.compensate and h['g_s'] is None:  # collected as Naive CBN: nothing to compensate with
-            self._window = None
+            self._set_window(position, None)
             return self._window_stats(x, mu_t, s_t, finite, conv, None)
         comp = None
         if self.compensate:
@@ -567,9 +743,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             for buf, new in ((self.running_mean, stats.mu_bar), (self.running_var, unbiased)):
                 buf.copy_(torch.where(finite, buf * (1 - factor) + new.to(buf.dtype) * factor, buf))
 
-    def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor) -> None:
-        """Store this iteration in the window, with its statistics' kernel gradients (Appendix B) if compensating.
-        A non-finite iteration takes a slot with weight 0 (decided on the device)."""
+    def _push(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor, position: int) -> None:
+        """Store this iteration in the call position's window, with its statistics' kernel gradients (Appendix B)
+        if compensating. A non-finite iteration takes a slot with weight 0 (decided on the device)."""
         capacity = self._active_k() - 1
         with torch.no_grad():
             m = torch.full((), float(x.numel() // x.shape[1]), dtype=mu_t.dtype, device=mu_t.device)
@@ -584,9 +760,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 bias = conv.bias.detach().to(mu_t.dtype) if conv.bias is not None else torch.zeros_like(mu_t)
                 entry = dict(mu=mu_t, s=s_t, g_mu=grads.g_mu, g_s=grads.g_s, p_mu=p_mu, p_s=p_s, bias=bias, m=m)
             entry['w'] = ok.to(mu_t.dtype)
-            window = self._window
+            window = self.window_at(position)
             if window is None or not window.accepts(entry, capacity):
-                window = self._window = _Window(capacity)
+                window = _Window(capacity)
+                self._set_window(position, window)
             window.push(entry, ok)
         self._conv_params = (conv.weight, conv.bias)
 
@@ -601,9 +778,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self._replay_mismatches is not None and int(self._replay_mismatches) > 0:
             raise RuntimeError(f'{self._replay_message()} ({int(self._replay_mismatches)} times)')
 
-    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor) -> Tensor:
-        """A checkpoint recomputation: the same statistics as the first forward, and at most one push."""
-        replay = self._replay
+    def _replay_forward(self, x: Tensor, mu_t: Tensor, s_t: Tensor, finite: Tensor, positions: List[int]) -> Tensor:
+        """A checkpoint recomputation of one of the calls at ``positions``: the same statistics as its first forward,
+        and at most one push, into that call's window."""
+        replay, position = self._pick_replay(mu_t, positions)
         # checked without reading a bool on the host: on the CPU an asynchronous assert raises at once; on CUDA a
         # device-side assert would poison the context, so a device counter is kept and check_replays() raises
         same = torch.isclose(mu_t, replay.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all()
@@ -620,8 +798,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if conv is None and not replay.pushed:
                 self._warn_once(f'cannot collect its window because {why}')
         y = self._normalize(x, stats, conv)
-        if not replay.pushed:
-            if conv is not None:
-                self._push(conv, x, mu_t, s_t, finite)
-            self._replay = replay._replace(pushed=True)
+        if position is not None:
+            if not replay.pushed and conv is not None:
+                self._push(conv, x, mu_t, s_t, finite, position)
+            self._replays[position] = replay._replace(pushed=True, replayed=True)
         return y

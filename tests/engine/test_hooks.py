@@ -165,3 +165,46 @@ def test_checkpoint_holds_windows_and_resume_restores_them(tmp_path):
     assert log[0] == (6, True, k - 1)
     assert all(torch.equal(saved['tensors'][key], ckpt['cbn_windows']['bn1']['tensors'][key])
                for key in saved['tensors'])
+
+
+class SharedTinyNet(TinyNet):
+    """bn2 is a head shared across two levels (the map and its 2x average pool): called twice per iteration."""
+
+    def forward(self, inputs, mode='tensor'):
+        x = torch.stack(inputs) if isinstance(inputs, list) else inputs
+        h = torch.relu(self.bn1(self.conv1(x)))
+        ys = [self.bn2(self.conv2(level)) for level in (h, torch.nn.functional.avg_pool2d(h, 2))]
+        if mode == 'loss':
+            return dict(loss=sum((y - 0.5).square().mean() for y in ys))
+        return ys
+
+
+def test_checkpoint_holds_per_call_windows_and_resume_restores_them(tmp_path):
+    k = 3
+    runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=2), k=k, max_iters=5,
+                         model=SharedTinyNet(k))
+    runner.train()
+    saved = runner.model.bn2.get_window_state()
+    ckpt = torch.load(osp.join(tmp_path, 'iter_5.pth'), weights_only=False)
+    state = ckpt['cbn_windows']['bn2']
+    assert state['calls'] == 2 and state['count'] == k - 1 and [s['count'] for s in state['later_calls']] == [k - 1]
+    assert 'later_calls' not in ckpt['cbn_windows']['bn1']
+
+    model = SharedTinyNet(k)
+    resumed = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=2), k=k, max_iters=6, resume=True,
+                          model=model)
+    log = []
+    original = model.bn2.begin_iteration
+
+    def spy(mark, use_window=True, collect=True):
+        log.append((mark, model.bn2.window_lengths, model.bn2.calls_per_iteration))
+        restored = model.bn2.get_window_state()
+        log.append(all(torch.equal(a['tensors'][key], b['tensors'][key])
+                       for a, b in zip([saved] + saved['later_calls'], [restored] + restored['later_calls'])
+                       for key in a['tensors']))
+        original(mark, use_window, collect)
+
+    model.bn2.begin_iteration = spy
+    resumed.train()
+    assert log[:2] == [(5, [k - 1, k - 1], 2), True]  # resumed with both positions' windows, unchanged
+    assert model.bn2.window_lengths == [k - 1, k - 1]

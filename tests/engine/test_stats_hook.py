@@ -70,11 +70,13 @@ class Images(Dataset):
 
 
 class Spy(Hook):
-    """Independently records, at one iteration, the pre-step weights and what each layer normalized with."""
+    """Independently records, at one iteration, the pre-step weights and what each layer normalized with: per
+    layer (batch moments, replay), or with ``every_call`` a list of them, one per call."""
     priority = 'VERY_HIGH'
 
-    def __init__(self, at):
+    def __init__(self, at, names=('bn0', 'bn1', 'bn2'), every_call=False):
         self.at, self.seen, self.handles = at, {}, []
+        self.names, self.every_call = names, every_call
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         if runner.iter != self.at:
@@ -84,10 +86,14 @@ class Spy(Hook):
 
         def grab(name):
             def hook(module, args, out):
-                self.seen[name] = (batch_moments(args[0].detach()), getattr(module, '_replay', None))
+                seen = (batch_moments(args[0].detach()), getattr(module, '_replay', None))
+                if self.every_call:
+                    self.seen.setdefault(name, []).append(seen)
+                else:
+                    self.seen[name] = seen
             return hook
 
-        for name in ('bn0', 'bn1', 'bn2'):
+        for name in self.names:
             self.handles.append(getattr(model, name).register_forward_hook(grab(name)))
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
@@ -96,10 +102,35 @@ class Spy(Hook):
         self.handles = []
 
 
-def make_runner(work_dir, hooks, max_iters, k=4, compensate=True, lr=0.05, with_cp=False):
+class SharedNet(BaseModel):
+    """BN -> conv -> CBN -> ReLU, then a head shared across two levels (the map and its 2x average pool):
+    conv -> CBN, the same modules called once per level, as mmdet's heads are across FPN levels."""
+
+    def __init__(self, k=4, compensate=True, with_cp=False):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = CrossIterationBatchNorm2d(8, window_size=k, compensate=compensate)
+        self.head_conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.head_bn = CrossIterationBatchNorm2d(8, window_size=k, compensate=compensate)
+
+    def levels(self, x):
+        h = torch.relu(self.bn1(self.conv1(self.bn0(x))))
+        return [h, F.avg_pool2d(h, 2)]
+
+    def forward(self, inputs, mode='tensor'):
+        x = torch.stack(inputs) if isinstance(inputs, list) else inputs
+        ys = [self.head_bn(self.head_conv(h)) for h in self.levels(x)]
+        if mode != 'loss':
+            return ys
+        return dict(loss=sum((y - 0.5 * i).square().mean() + y.mean((0, 2, 3)).square().sum()
+                             for i, y in enumerate(ys)))
+
+
+def make_runner(work_dir, hooks, max_iters, k=4, compensate=True, lr=0.05, with_cp=False, model=Net):
     torch.manual_seed(0)  # the model is built before the Runner seeds
     return Runner(
-        model=Net(k, compensate, with_cp),
+        model=model(k, compensate, with_cp),
         work_dir=str(work_dir),
         train_dataloader=dict(dataset=Images(), sampler=dict(type='InfiniteSampler', shuffle=True), batch_size=2,
                               collate_fn=dict(type='default_collate')),
@@ -198,3 +229,48 @@ def test_unknown_layer_names_raise(tmp_path):
     with pytest.raises(ValueError, match=r"layers \['head.bn'\] are not CBN layers of the model; its CBN layers "
                                          r"are \['bn1', 'bn2'\]"):
         runner.train()
+
+
+def test_shared_head_is_measured_per_call(tmp_path):
+    """A layer called once per level: one record per call position, each against that level's own population and
+    the statistics that call normalized with; the measurement forwards take no call position (the next iterations
+    run on, and training is bit-identical with and without the hook)."""
+    at = 9
+    spy = Spy(at, names=('bn0', 'bn1', 'head_bn'), every_call=True)
+    hook = CBNStatsErrorHook(interval=10, num_images=8, chunk=3)
+    runner = make_runner(tmp_path / 'shared_measured', [spy, hook], max_iters=at + 3, model=SharedNet)
+    runner.train()
+    records = {(r['layer'], r['call']): r for r in hook.records}
+    assert sorted(records) == [('bn1', 0), ('head_bn', 0), ('head_bn', 1)]
+    assert all(r['n_iters'] == 4 for r in records.values())
+    model = runner.model
+    assert model.head_bn.window_lengths == [3, 3] and model.head_bn.calls_per_iteration == 2
+
+    p = spy.seen['params']
+    images = torch.cat([torch.stack(b['inputs']) for b in hook._batches]).double()
+    [((mu0, s0), _)] = spy.seen['bn0']
+    h = F.batch_norm(images, mu0.double(), s0.double(), p['bn0.weight'].double(), p['bn0.bias'].double(), False,
+                     0.0, 1e-5)
+    [(_, replay1)] = spy.seen['bn1']
+    x1 = F.conv2d(h, p['conv1.weight'].double(), p['conv1.bias'].double(), padding=1)
+    h = torch.relu(F.batch_norm(x1, replay1.stats.mu_bar.double(), replay1.stats.var_bar.double(),
+                                p['bn1.weight'].double(), p['bn1.bias'].double(), False, 0.0, 1e-5))
+    for call, level in enumerate([h, F.avg_pool2d(h, 2)]):
+        x = F.conv2d(level, p['head_conv.weight'].double(), p['head_conv.bias'].double(), padding=1)
+        batch, replay = spy.seen['head_bn'][call]
+        errors = records[('head_bn', call)]['errors']
+        np.testing.assert_allclose(errors['BN'], relative_stat_errors(*batch, *_pop(x)), rtol=1e-5)
+        np.testing.assert_allclose(errors['CBN'], relative_stat_errors(replay.stats.mu_bar, replay.stats.var_bar,
+                                                                       *_pop(x)), rtol=1e-5)
+    assert records[('head_bn', 0)]['errors'] != records[('head_bn', 1)]['errors']
+    with open(osp.join(runner.log_dir, 'vis_data', 'scalars.json')) as f:
+        logged = [json.loads(line) for line in f]
+    assert any('cbn_stats/head_bn/call1/CBN_mu' in row for row in logged)
+    assert any('cbn_stats/bn1/CBN_mu' in row for row in logged)
+
+    plain = make_runner(tmp_path / 'shared_plain', [], max_iters=at + 3, model=SharedNet)
+    plain.train()
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), name
+    for a, b in zip(plain.model.buffers(), model.buffers()):
+        assert torch.equal(a, b)

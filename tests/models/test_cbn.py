@@ -82,15 +82,30 @@ def test_auto_window_rule():
         resolve_auto_window(0)
 
 
-def test_shared_layer_called_twice_in_one_iteration_raises():
+def test_shared_layer_refuses_a_change_of_calls_per_iteration():
+    """An unmanaged layer finds its iterations by the backward; the calls per iteration are fixed by the first, and
+    a later iteration with more (at once) or fewer (when the next one begins) calls raises, naming the layer and
+    both counts. Positions per call and their windows: tests/models/test_cbn_shared.py."""
     conv = nn.Conv2d(3, 4, 3, padding=1)
     model = nn.Sequential()
     model.add_module('head', nn.Module())
     model.head.norm = CBN(4, window_size=2)
-    model.head.norm(conv(torch.randn(2, 3, 6, 6)))
-    with pytest.raises(RuntimeError, match=r"called twice in one training iteration") as err:
-        model.head.norm(conv(torch.randn(2, 3, 6, 6)))
-    assert "'head.norm'" in str(err.value)
+
+    def iteration(calls):
+        sum(model.head.norm(conv(torch.randn(2, 3, 6, 6))).sum() for _ in range(calls)).backward()
+
+    iteration(2)
+    iteration(2)
+    assert model.head.norm.window_lengths == [1, 1] and model.head.norm.calls_per_iteration == 2
+    with pytest.raises(RuntimeError, match=r"'head.norm' was called 3 times in this training iteration, but 2 "
+                                           r"times in each earlier one"):
+        iteration(3)
+    model.head.norm.reset_window()
+    iteration(2)
+    iteration(1)
+    with pytest.raises(RuntimeError, match=r"'head.norm' was called 1 times in the last training iteration, but 2 "
+                                           r"times in each earlier one"):
+        iteration(1)
 
 
 # ----------------------------------------------------------------------------- BN equivalence
@@ -161,8 +176,10 @@ def test_empty_batch_keeps_graph_and_state():
     assert layer.weight.grad is not None
     assert torch.equal(before[0], layer.running_mean) and torch.equal(before[1], layer.running_var)
     assert before[2] == layer.num_batches_tracked and before[3] == layer.window_length
-    # the empty call did not count as an iteration: the next real one is accepted
+    # the empty call was this iteration's call, and the backward through it ended the iteration: the next real
+    # call starts a new one
     layer(conv(torch.randn(2, 3, 6, 6)))
+    assert layer.calls_per_iteration == 1 and layer.window_lengths == [2]
 
 
 def test_single_value_per_channel():

@@ -269,21 +269,23 @@ def test_sync_counter_sees_syncs():
 @pytest.mark.parametrize('momentum', [0.1, None])
 @pytest.mark.parametrize('checkpointed', [False, True])
 @pytest.mark.parametrize('backward', ['exact', 'authors'])
-def test_training_iteration_makes_no_host_sync(backward, checkpointed, momentum, device):
+@pytest.mark.parametrize('sizes', [[6], [6, 4, 3], [4, 4]], ids=['one_call', 'levels', 'one_shape'])
+def test_training_iteration_makes_no_host_sync(sizes, backward, checkpointed, momentum, device):
     """Burn-in (k=1 use, collecting), open windows, and checkpoint replay: no Python-visible host sync; on CUDA also
-    none that torch's sync debug mode sees."""
+    none that torch's sync debug mode sees. Also for a layer called once per input size in each iteration (a head
+    shared across FPN levels; with one shape for all calls, a replay picks its call on the device)."""
     conv = nn.Conv2d(3, 4, 3, padding=1).to(device)
     layer = CBN(4, window_size=3, backward=backward, momentum=momentum).to(device)
     forward = (lambda t: checkpoint(lambda u: layer(conv(u)), t, use_reentrant=False)) if checkpointed else (
         lambda t: layer(conv(t)))
     for it in range(5):
         layer.begin_iteration(it, use_window=it >= 2, collect=it >= 1)
-        inp = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+        inputs = [torch.randn(2, 3, s, s, device=device, requires_grad=True) for s in sizes]
         with SyncCounter() as counter, _cuda_sync_errors(device):
-            forward(inp).square().mean().backward()
+            sum(forward(inp).square().mean() for inp in inputs).backward()
             sgd_step([*conv.parameters(), *layer.parameters()])
         assert counter.calls == [], (it, counter.calls)
-    assert layer.window_length == 2
+    assert layer.window_lengths == [2] * len(sizes)
 
 
 @pytest.mark.parametrize('device', DEVICES)
