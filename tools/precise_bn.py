@@ -1,7 +1,7 @@
 """Recompute a trained detector's BN/CBN running statistics on the inputs the layers meet at test time (precise BN).
 
-    python tools/precise_bn.py CONFIG CHECKPOINT [--modules roi_head] [--source test|train] [--num-images 200]
-                               [--out NEW.pth] [--eval] [--work-dir DIR] [--cfg-options ...]
+    python tools/precise_bn.py CONFIG CHECKPOINT [--modules roi_head bbox_head] [--source test|train]
+                               [--num-images 200] [--out NEW.pth] [--eval] [--json FILE] [--work-dir DIR]
 
 A box head's norm layers are trained on the sampler's RoIs but, at test time, normalize the RPN's top proposals.
 Their running statistics, BN's and CBN's alike, then describe the wrong inputs. This tool runs training images
@@ -42,8 +42,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config')
     parser.add_argument('checkpoint')
-    parser.add_argument('--modules', nargs='+', default=['roi_head'],
-                        help="module names whose BN/CBN layers are recomputed, e.g. roi_head neck ('' for all)")
+    parser.add_argument('--modules', nargs='+', default=['roi_head', 'bbox_head'],
+                        help="module names whose BN/CBN layers are recomputed (default: a two-stage detector's "
+                        "roi_head, a one-stage detector's bbox_head), e.g. neck roi_head ('' for all)")
     parser.add_argument('--source', choices=sorted(SOURCES), default='test',
                         help='test: test pipeline and test path (test-time proposals); train: the training path')
     parser.add_argument('--num-images', type=int, default=200)

@@ -8,8 +8,10 @@ proposals at test time; their running statistics then fit the wrong inputs, whil
 every checkpoint of a ``detection_study.py --save-checkpoint`` run (``DIR/runs/<method>_seed<s>/``), each condition
 recomputes running statistics with ``tools/precise_bn.py`` and evaluates on the toy val split:
 
-* ``head-test``: the box head's BN/CBN layers, on training images through the test path (test-time proposals): the
-  fix the hypothesis predicts;
+* ``head-test``: the box head's BN/CBN layers (a one-stage detector's head), on training images through the test
+  path (test-time proposals): the fix the hypothesis predicts. For a head shared across FPN levels it also measures
+  what the per-call EMA costs: precise statistics pool every level's values, where the EMA weighs the last levels
+  most;
 * ``head-train``: the same layers on the training path (the sampler's RoIs): precise BN of the training inputs, the
   control that separates an EMA's noise from a train/test shift;
 * ``all-test``: the neck's and the box head's layers on the test path.
@@ -29,10 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+HEADS = ['roi_head', 'bbox_head']  # a two-stage detector's box head; a one-stage detector's (shared) head
 CONDITIONS = {
-    'head-test': (['roi_head'], 'test'),
-    'head-train': (['roi_head'], 'train'),
-    'all-test': (['neck', 'roi_head'], 'test'),
+    'head-test': (HEADS, 'test'),
+    'head-train': (HEADS, 'train'),
+    'all-test': (['neck'] + HEADS, 'test'),
 }
 KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 

@@ -142,3 +142,21 @@ def test_bad_arguments_raise_before_any_run(tmp_path, tool, argv, match):
     with pytest.raises(ValueError, match=match):
         tool.main(argv + ['--out', str(tmp_path), '--data-root', str(tmp_path / 'data')])
     assert not (tmp_path / 'data').exists() and not (tmp_path / 'runs').exists()
+
+
+def test_retinanet_study_and_head_stats(tmp_path):
+    """--detector retinanet: CBN in the head shared by the 5 FPN levels trains and evaluates; the head-statistics
+    study recomputes that head's layers (bbox_head) over every level."""
+    out = tmp_path / 'retina'
+    result = detection_study.main(['--detector', 'retinanet', '--methods', 'cbn', '--seeds', '0', '--iters', '6',
+                                   '--lr', '0.01', '--save-checkpoint', '--out', str(out), '--data-root',
+                                   str(tmp_path / 'data')])
+    (run, ) = result['runs']
+    assert run['detector'] == 'retinanet' and run['iters'] == 6 and 0 <= run['bbox_mAP'] <= 1
+    cfg = Config.fromfile(str(out / 'runs' / 'cbn_seed0' / 'config.py'))
+    assert cfg.model.type == 'RetinaNet' and cfg.model.bbox_head.norm_cfg == dict(type='CBN', window_size=4,
+                                                                                 requires_grad=True)
+    summary = head_stats_study.main(['--study', str(out), '--methods', 'cbn', '--seeds', '0', '--num-images', '2',
+                                     '--conditions', 'head-test'])
+    (row, ) = summary['runs']
+    assert len(row['layers']) == 8 and all(name.startswith('bbox_head.') for name in row['layers'])
