@@ -12,11 +12,15 @@ statistics of their inputs on the inputs they get on a path of the model:
 
 Layers are done one at a time, in module order, with the model in eval mode: each layer's statistics are measured
 with the layers before it already updated, so the result does not depend on the order of the passes. That costs one
-pass over the data per layer. Statistics are accumulated in fp64: per channel, the sum and the sum of squares of the
+pass over the data per layer. Every pass starts from the same random state (``seed``: Python's, numpy's and torch's
+generators), so a loader with random augmentation (a flip) and the training path's RoI sampler give every layer the
+same images, flips and RoIs, as long as the loader works in this process (``num_workers=0``) and its order is fixed. Statistics are accumulated in fp64: per channel, the sum and the sum of squares of the
 layer's input over every other dimension; the variance is stored unbiased, as BN stores it.
 """
+import random
 from typing import Dict, Iterable, List, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -63,7 +67,7 @@ class _Moments:
 
 @torch.no_grad()
 def recompute_statistics(model: nn.Module, data_loader: Iterable, layers: Sequence[Tuple[str, _BatchNorm]],
-                         mode: str = 'predict', num_images: int = 200) -> Dict[str, dict]:
+                         mode: str = 'predict', num_images: int = 200, seed: int = 0) -> Dict[str, dict]:
     """Replace the running statistics of ``layers`` (pairs from :func:`norm_layers`) by those of their inputs on
     ``mode``'s path over the first ``num_images`` images of ``data_loader`` (mmengine data batches); layer by layer,
     in order. Returns, per layer: the values counted per channel, the mean |shift| of the mean in units of the old
@@ -80,6 +84,9 @@ def recompute_statistics(model: nn.Module, data_loader: Iterable, layers: Sequen
     for name, layer in layers:
         moments = _Moments()
         handle = layer.register_forward_pre_hook(moments)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
         try:
             seen = 0
             for batch in data_loader:

@@ -427,6 +427,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._windows = []
         self._replays = []
         self._calls = state.get('calls')
+        self._call, self._counted, self._last_mark = -1, False, None  # the next call starts an iteration
         if self.window_size == 'auto' or self.window_size < 2:
             return
         for position, sub in enumerate([state] + list(state.get('later_calls') or ())):
@@ -659,14 +660,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         One candidate: that call. Several calls of one shape (the order of recomputation is the autograd engine's):
         the one whose batch mean this input has, chosen on the device; its statistics are gathered by a device
         index, so the host never reads which. That needs every candidate already pushed and alike in kind;
-        otherwise the first not yet replayed is taken, and the input check catches a wrong pick.
+        otherwise the latest call not yet replayed is taken (the engine's order for independent branches, as
+        reentrant checkpointing gives), and the input check catches a wrong pick.
         """
         replays = [self._replays[c] for c in positions]
         fresh = [c for c in positions if not self._replays[c].replayed]
         kinds = {(r.stats.hist is None, 'tensor' if isinstance(r.stats.n_iters, Tensor) else r.stats.n_iters)
                  for r in replays}
         if len(replays) == 1 or not all(r.pushed for r in replays) or len(kinds) > 1:
-            position = (fresh or positions)[0]
+            # the autograd engine recomputes independent branches latest first (a shared head's levels: P7 first)
+            position = (fresh or positions)[-1]
             return self._replays[position], position
         match = torch.stack([torch.isclose(mu_t, r.mu_t, rtol=1e-4, atol=1e-6, equal_nan=True).all() for r in replays])
         index = match.to(mu_t.dtype).argmax().view(1)  # the first match (0 if none: the input check then fails)

@@ -68,7 +68,7 @@ def run_pair(mode, managed, iters=7, special=(), checkpointed=False, sizes=SIZES
         for c in range(C):
             u, proj, kind = data(it, c, special, gen, sizes)
             if checkpointed:
-                y = checkpoint(lambda t: shared(conv(t)), u.requires_grad_(), use_reentrant=False)
+                y = checkpoint(lambda t: shared(conv(t)), u.requires_grad_(), use_reentrant=checkpointed == 'reentrant')
             else:
                 y = shared(conv(u))
             y_i = layers[c](conv_i(u.detach()))
@@ -132,13 +132,16 @@ def test_non_finite_and_empty_calls_advance_the_position(kind, managed):
         assert shared.calls_per_iteration == C
 
 
+@pytest.mark.parametrize('how', ['nonreentrant', 'reentrant'])
 @pytest.mark.parametrize('sizes', [SIZES, [(6, 6)] * C], ids=['levels', 'one_shape'])
 @pytest.mark.parametrize('mode, k, managed', [('exact', 3, True), ('naive', 3, True), ('exact', 1, False)])
-def test_checkpoint_replays_each_call(mode, k, managed, sizes):
+def test_checkpoint_replays_each_call(mode, k, managed, sizes, how):
     """Checkpointing (recomputation during backward, in the autograd engine's order) replays each call's own
     statistics and pushes nothing twice: the same trajectory as without it. Calls of one input shape are told apart
-    by their batch means on the device. Also with k=1 and no hook (BN in a shared, checkpointed head)."""
-    worst_cp, shared_cp, _ = run_pair(mode, managed, iters=5, checkpointed=True, sizes=sizes, k=k)
+    by their batch means on the device, or, with reentrant checkpointing (whose first forward records no graph, so
+    nothing is pushed until the recomputation), by the engine's latest-first order. Also with k=1 and no hook (BN in
+    a shared, checkpointed head)."""
+    worst_cp, shared_cp, _ = run_pair(mode, managed, iters=5, checkpointed=how, sizes=sizes, k=k)
     worst, shared, _ = run_pair(mode, managed, iters=5, sizes=sizes, k=k)
     assert worst_cp <= TOL and worst <= TOL
     assert shared_cp.window_lengths == shared.window_lengths == ([2] * C if k > 1 else [])
@@ -222,3 +225,23 @@ def test_eval_forwards_do_not_advance_the_position():
     layer.train()
     layer(conv(torch.randn(2, 3, 6, 6)))
     assert layer._call == 1 and layer.window_lengths == [1, 1]
+
+
+def test_loading_a_state_into_a_layer_that_already_trained_starts_a_fresh_iteration():
+    """set_window_state resets the call position: a layer that ran once per iteration, loaded with a state of C
+    calls per iteration, takes its next C calls as one iteration (it used to compare the count of the iteration
+    before the load, 1, with the restored C, and refuse)."""
+    _, shared, _ = run_pair('exact', True, iters=4)
+    state = shared.get_window_state()
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    gen = torch.Generator().manual_seed(3)
+    layer = CBN(8, window_size=3).double()
+    for it in range(3):  # one call per iteration
+        layer.begin_iteration(it)
+        layer(conv(data(it, 0, {}, gen)[0]))
+    layer.set_window_state(state)
+    for it in (3, 4):
+        layer.begin_iteration(it)
+        for c in range(C):
+            layer(conv(data(it, c, {}, gen)[0]))
+    assert layer.calls_per_iteration == C and layer.window_lengths == [2] * C

@@ -360,7 +360,9 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 train_top1=accuracy(model, train_x, train_y),
                 abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
                 kernel_norm=float(np.mean([c.weight.norm().item() for c in convs])),
-                cpu_seconds=time.process_time() - start, wall_seconds=time.time() - wall, device=str(device))
+                cpu_seconds=time.process_time() - start, wall_seconds=time.time() - wall, device=str(device),
+                # cuDNN's TF32 (PyTorch's default on CUDA, what users get) rounds conv inputs to 10 bits
+                cudnn_tf32=torch.backends.cudnn.allow_tf32 if str(device).startswith('cuda') else None)
 
 
 def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStatsEMA:

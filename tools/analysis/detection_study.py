@@ -290,6 +290,10 @@ def check_args(args) -> None:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.lr <= 0:
         raise ValueError(f'--lr must be > 0, got {args.lr}')
+    split = [m for m in getattr(args, 'methods', ()) if m in SPLIT]
+    if split and getattr(args, 'detector', 'faster-rcnn') != 'faster-rcnn':
+        raise ValueError(f'--methods {split} put GN in one of the neck and the box head: only with --detector '
+                         f'faster-rcnn (the toy RetinaNet has no norm in its neck), got {args.detector!r}')
 
 
 def run_all(args, jobs) -> list:

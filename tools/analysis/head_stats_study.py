@@ -9,9 +9,9 @@ every checkpoint of a ``detection_study.py --save-checkpoint`` run (``DIR/runs/<
 recomputes running statistics with ``tools/precise_bn.py`` and evaluates on the toy val split:
 
 * ``head-test``: the box head's BN/CBN layers (a one-stage detector's head), on training images through the test
-  path (test-time proposals): the fix the hypothesis predicts. For a head shared across FPN levels it also measures
-  what the per-call EMA costs: precise statistics pool every level's values, where the EMA weighs the last levels
-  most;
+  path (test-time proposals): the fix the hypothesis predicts. For a head shared across FPN levels, precise
+  statistics pool every level's values by count (the large early levels weigh most), where the per-call EMA weighs
+  the last levels most: the difference bounds what that choice of weights costs, mixed with any train/test shift;
 * ``head-train``: the same layers on the training path (the sampler's RoIs): precise BN of the training inputs, the
   control that separates an EMA's noise from a train/test shift;
 * ``all-test``: the neck's and the box head's layers on the test path.
@@ -43,11 +43,18 @@ KEYS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 def run_one(args, method: str, seed: int, condition: str) -> dict:
     run_dir = osp.join(args.study, 'runs', f'{method}_seed{seed}')
     path = osp.join(args.out, 'runs', f'{method}_seed{seed}_{condition}.json')
-    if osp.exists(path):
-        with open(path) as f:
-            return json.load(f)
     with open(osp.join(run_dir, 'metrics.json')) as f:
         trained = json.load(f)
+    if osp.exists(path):
+        with open(path) as f:
+            done = json.load(f)
+        want = dict(num_images=args.num_images, checkpoint=trained.get('checkpoint'),
+                    trained={k: trained[k] for k in KEYS})
+        have = {key: done.get(key) for key in want}
+        if have != want:
+            raise ValueError(f'head_stats_study: {path} was made with {have}, not with {want} (another --num-images, '
+                             'or the study was rerun): use another --out')
+        return done
     if not trained.get('checkpoint') or not osp.exists(trained['checkpoint']):
         raise FileNotFoundError(f'head_stats_study: {run_dir} has no checkpoint: run detection_study.py with '
                                 '--save-checkpoint')
@@ -65,7 +72,7 @@ def run_one(args, method: str, seed: int, condition: str) -> dict:
     with open(osp.join(work, 'precise_bn.json')) as f:
         report = json.load(f)
     result = dict(method=method, seed=seed, condition=condition, num_images=args.num_images,
-                  trained={k: trained[k] for k in KEYS},
+                  checkpoint=trained['checkpoint'], trained={k: trained[k] for k in KEYS},
                   **{k: report['metrics'].get(f'coco/{k}', 0.0) for k in KEYS},
                   layers={name: {k: row[k] for k in ('mean_shift_in_sd', 'var_ratio')}
                           for name, row in report['layers'].items()})

@@ -160,3 +160,9 @@ def test_retinanet_study_and_head_stats(tmp_path):
                                      '--conditions', 'head-test'])
     (row, ) = summary['runs']
     assert len(row['layers']) == 8 and all(name.startswith('bbox_head.') for name in row['layers'])
+
+
+def test_split_controls_need_a_norm_in_the_neck(tmp_path):
+    with pytest.raises(ValueError, match=r"--methods \['gn-neck'\] .* only with --detector faster-rcnn"):
+        detection_study.main(['--detector', 'retinanet', '--methods', 'bn-small', 'gn-neck', '--out', str(tmp_path)])
+    assert not (tmp_path / 'runs').exists()
