@@ -316,6 +316,9 @@ def main(argv=None):
                         help="CBN's opt-in approximation: dnu/dW from every r-th RoI or row (1: exact)")
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/detection_study'))
     parser.add_argument('--single', nargs=2, metavar=('METHOD', 'SEED'), help=argparse.SUPPRESS)
+    parser.add_argument('--summarize', action='store_true',
+                        help='train nothing: summarize and plot the requested runs that are on disk (the pretraining '
+                        'run too)')
     parser.add_argument('--stats-interval', type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument('--pretrain-iters', type=int, default=0,
                         help='first train a BN model (bn-small, 2 threads) this long and use its backbone, frozen, '
@@ -331,11 +334,17 @@ def main(argv=None):
         pre = copy.copy(args)
         pre.iters, pre.threads, pre.save_checkpoint = args.pretrain_iters, 2, True
         pre.out = osp.join(args.out, 'pretrain')
+        if args.summarize and _finished(osp.join(pre.out, 'runs', 'bn-small_seed100'), pre, 'bn-small') is None:
+            raise ValueError(f'detection_study --summarize: no pretraining run of {pre.iters} iterations in '
+                             f'{pre.out}')
         print(f'detection_study: pretraining the backbone, {pre.iters} iterations of bn-small', flush=True)
         (pretrain, ) = run_all(pre, [(pre, 'bn-small', 100)])
         args.backbone_checkpoint = pretrain['checkpoint']
 
     jobs = [(args, method, seed) for seed in args.seeds for method in args.methods]
+    if args.summarize:  # train nothing: the requested runs that are on disk with these settings
+        jobs = [job for job in jobs
+                if _finished(osp.join(args.out, 'runs', f'{job[1]}_seed{job[2]}'), args, job[1]) is not None]
     # the slow large-batch runs first, so the pool ends evenly
     jobs.sort(key=lambda job: job[1] != 'bn-large')
     print(f'detection_study: {len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time', flush=True)

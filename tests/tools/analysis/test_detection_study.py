@@ -72,6 +72,10 @@ def test_study_tiny_run(tmp_path):
     assert again['summary'] == result['summary']
     assert stamp == (metrics.stat().st_mtime_ns, (out / 'pretrain' / 'runs' / 'bn-small_seed100' / 'metrics.json'
                                                    ).stat().st_mtime_ns)
+    # --summarize trains nothing and keeps to the requested runs on disk
+    only = detection_study.main(argv[:1] + ['bn-small', 'gn'] + argv[4:] + ['--summarize'])
+    assert sorted(only['summary']) == ['bn-small'] and only['summary']['bn-small'] == result['summary']['bn-small']
+    assert not (out / 'runs' / 'gn_seed0').exists()
     with pytest.raises(ValueError, match="use another --out"):
         detection_study.main(argv[:-4] + ['--lr', '0.01', '--out', str(out), '--data-root', str(tmp_path / 'data')])
 
