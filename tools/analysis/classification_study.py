@@ -296,11 +296,14 @@ def accuracy(model, x, y, batch=500):
 
 
 def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=50, model_name='resnet', lr_base=0.1,
-              device='cpu'):
-    """Train one model; returns the run's record (test/train top-1, kernel-gradient geometry, time)."""
+              device='cpu', window_size=None):
+    """Train one model; returns the run's record (test/train top-1, kernel-gradient geometry, time).
+
+    ``window_size`` overrides the paper's ``k = min(ceil(16 / bs), 8)`` for the window variants (a study of the
+    window's length); BN and GN do not use it."""
     torch.set_num_threads(1)
     train_x, train_y, test_x, test_y = (t.to(device) for t in (data if data is not None else load_dataset(dataset)))
-    k = resolve_auto_window(batch_size)
+    k = window_for(batch_size, window_size)
     torch.manual_seed(seed)
     model = build_model(model_name, lambda c: make_norm(variant, c, k))
     attach_oracles(model)
@@ -373,16 +376,22 @@ def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStats
     return out
 
 
+def window_for(batch_size, window_size=None):
+    """The window k of a run: ``window_size`` if given, else the paper's ``min(ceil(16 / bs), 8)``."""
+    return resolve_auto_window(batch_size) if window_size is None else window_size
+
+
 def run_path(out, dataset, variant, bs, seed):
     return osp.join(out, 'runs', f'{dataset}_{variant}_bs{bs}_seed{seed}.json')
 
 
 def _worker(job):
-    out, dataset, variant, bs, seed, epochs, model_name, lr_base, device, deadline = job
+    out, dataset, variant, bs, seed, epochs, model_name, lr_base, device, deadline, window_size = job
     path = run_path(out, dataset, variant, bs, seed)
     if deadline is not None and time.time() > deadline:
         return None  # --time-budget spent: left for a later (resumed) run
-    record = train_one(dataset, variant, bs, seed, epochs, model_name=model_name, lr_base=lr_base, device=device)
+    record = train_one(dataset, variant, bs, seed, epochs, model_name=model_name, lr_base=lr_base, device=device,
+                       window_size=window_size)
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(record, f, indent=1)
@@ -466,6 +475,9 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', help="torch device of every run, e.g. 'cuda' (default: cpu)")
     p.add_argument('--time-budget', type=float, default=None,
                    help='seconds: start no run after this (the runs left are trained by a later, resumed call)')
+    p.add_argument('--window-size', type=int, default=None,
+                   help='k of every window variant, at every batch size, instead of min(ceil(16 / bs), 8) (a study '
+                        'of the window length: use its own --out; BN and GN runs do not depend on it)')
     p.add_argument('--out', default='work_dirs/analysis/classification_study')
     p.add_argument('--summarize', action='store_true',
                    help='train nothing: summarize and plot the requested runs that are on disk')
@@ -480,6 +492,8 @@ def parse_args(argv=None):
     for name in ('epochs', 'jobs'):
         if getattr(args, name) < 1:
             p.error(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if args.window_size is not None and args.window_size < 1:
+        p.error(f'--window-size must be >= 1, got {args.window_size}')
     if not args.lr_base > 0:
         p.error(f'--lr-base must be > 0, got {args.lr_base}')
     return args
@@ -489,7 +503,8 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(osp.join(args.out, 'runs'), exist_ok=True)
     deadline = None if args.time_budget is None else time.time() + args.time_budget
-    jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base, args.device, deadline)
+    jobs = [(args.out, args.dataset, v, bs, s, args.epochs, args.model, args.lr_base, args.device, deadline,
+             args.window_size)
             for bs in sorted(args.batch_sizes, reverse=True) for s in args.seeds for v in args.variants]
     if args.summarize:
         jobs = [j for j in jobs if osp.exists(run_path(*j[:5]))]
@@ -512,6 +527,10 @@ def main(argv=None):
             raise ValueError(f"{run_path(*j[:5])} was trained with epochs={record['epochs']}, "
                              f"model={record.get('model', 'resnet')}, lr={record['lr']}, not with this command's "
                              '--epochs/--model/--lr-base: use another --out')
+        k = window_for(record['batch_size'], args.window_size)
+        if record['variant'] not in ('bn', 'gn') and record['window'] != k:
+            raise ValueError(f"{run_path(*j[:5])} was trained with window {record['window']}, not with this "
+                             f'command\'s {k} (--window-size {args.window_size}): use another --out')
         records.append(record)
     table, paired = summarize(records, args.variants, sorted(args.batch_sizes))
     summary = dict(settings=vars(args), table=table, paired=paired)

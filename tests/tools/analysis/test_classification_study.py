@@ -56,6 +56,7 @@ def test_tiny_study_resumes_and_summarizes(tmp_path):
     (['--batch-sizes', '0'], '--batch-sizes must be >= 1, got \\[0\\]'),
     (['--epochs', '0'], '--epochs must be >= 1, got 0'),
     (['--lr-base', '-1'], '--lr-base must be > 0, got -1.0'),
+    (['--window-size', '0'], '--window-size must be >= 1, got 0'),
 ])
 def test_bad_arguments(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit):
@@ -106,3 +107,17 @@ def test_time_budget_starts_no_run_after_it(tmp_path):
     """--time-budget 0: every run is left for a later call; the summary holds what is on disk (nothing)."""
     summary = study.main(TINY + ['--variants', 'bn', '--out', str(tmp_path), '--time-budget', '0'])
     assert os.listdir(tmp_path / 'runs') == [] and summary['table'] == {}
+
+
+def test_window_size_overrides_k_and_is_checked_on_resume(tmp_path):
+    """--window-size sets k of the window variants at every batch size (the window-length study); a folder trained
+    with another k is refused, while BN runs, which have no window, may be shared between such folders."""
+    out = str(tmp_path)
+    argv = ['--dataset', 'digits', '--batch-sizes', '32', '--epochs', '1', '--seeds', '0', '--jobs', '1']
+    study.main(argv + ['--variants', 'bn', 'cbn_exact', '--window-size', '3', '--out', out])
+    with open(tmp_path / 'runs' / 'digits_cbn_exact_bs32_seed0.json') as f:
+        assert json.load(f)['window'] == 3  # not min(ceil(16/32), 8) = 1
+    with pytest.raises(ValueError, match='window 3, not with this command\'s 2'):
+        study.main(argv + ['--variants', 'bn', 'cbn_exact', '--window-size', '2', '--out', out, '--summarize'])
+    only_bn = study.main(argv + ['--variants', 'bn', '--window-size', '2', '--out', out, '--summarize'])
+    assert only_bn['table']['bn@32']['seeds'] == [0]
