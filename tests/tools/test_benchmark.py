@@ -54,11 +54,13 @@ def test_history_is_smaller_than_the_authors():
 
 
 def test_model_variants_put_their_norm_where_they_say():
-    for variant, subsample in (('CBN heads', 1), ('CBN heads r=4', 4)):
+    for variant, subsample, backward in (('CBN heads', 1, 'exact'), ('CBN heads r=4', 4, 'exact'),
+                                         ('CBN heads authors', 1, 'authors')):
         model = benchmark.build_detector(variant, torch.device('cpu'))
         cbn = {name: m for name, m in model.named_modules() if isinstance(m, CrossIterationBatchNorm2d)}
         assert len(cbn) == 12 and all(name.startswith(('neck.', 'roi_head.')) for name in cbn)
         assert {m.stat_grad_subsample for m in cbn.values()} == {subsample}
+        assert {m.backward for m in cbn.values()} == {backward}
 
 
 def test_bad_subsample_is_refused(capsys):
