@@ -71,6 +71,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
+from paired_stats import paired_difference  # noqa: E402  (this folder: run as a script or with it on sys.path)
 
 VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle', 'ideal')
 MODELS = ('resnet', 'plain')
@@ -401,15 +402,6 @@ def _worker(job):
     return record
 
 
-def t_interval(diffs):
-    """Mean and the half-width of its 95% t-interval."""
-    from scipy import stats
-    d = np.asarray(diffs, dtype=float)
-    if len(d) < 2:
-        return float(d.mean()), float('nan')
-    return float(d.mean()), float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
-
-
 def summarize(records, variants, batch_sizes, reference='bn'):
     """Per (variant, bs): mean/std of test top-1; paired differences against ``reference`` at the same bs and seed,
     and against BN at the largest batch (the paper's 'flat as the batch shrinks')."""
@@ -435,8 +427,8 @@ def summarize(records, variants, batch_sizes, reference='bn'):
                     continue
                 common = [s for s in runs if (other, obs, s) in by]
                 if common:
-                    mean, half = t_interval([runs[s] - by[(other, obs, s)]['test_top1'] for s in common])
-                    paired[f'{v}@{bs} - {other}@{obs}'] = dict(mean=mean, ci95=half, seeds=common)
+                    d = paired_difference([runs[s] - by[(other, obs, s)]['test_top1'] for s in common])
+                    paired[f'{v}@{bs} - {other}@{obs}'] = dict(d, seeds=common)
     return table, paired
 
 

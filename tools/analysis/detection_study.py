@@ -45,6 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from paired_stats import paired_difference  # this folder: run as a script or with it on sys.path
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOY_CONFIG = osp.join(ROOT, 'configs/toy/faster-rcnn_r18-cbn-heads_fpn_toy.py')
 # --detector: the toy config, and where the method's norm goes
@@ -212,7 +214,6 @@ def _finished(work_dir: str, args, method: str):
 
 def paired(runs) -> dict:
     """``a - b`` per metric over the seeds both ran: n, mean, standard error and the 95% t-interval's half-width."""
-    from scipy import stats
     by = {(r['method'], r['seed']): r for r in runs}
     out = {}
     for a, b in PAIRS:
@@ -221,10 +222,8 @@ def paired(runs) -> dict:
             continue
         row = dict(n=len(seeds), seeds=seeds)
         for key in METRICS:
-            d = np.array([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
-            sem = float(d.std(ddof=1) / np.sqrt(len(d)))
-            row[key] = dict(mean=float(d.mean()), sem=sem, ci95=float(stats.t.ppf(0.975, len(d) - 1) * sem),
-                            min=float(d.min()), max=float(d.max()))
+            d = paired_difference([by[(a, s)][key] - by[(b, s)][key] for s in seeds])
+            row[key] = {k: d[k] for k in ('mean', 'sem', 'ci95', 'min', 'max')}
         out[f'{a} - {b}'] = row
     return out
 

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from paired_stats import paired_difference  # this folder: run as a script or with it on sys.path
+
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 HEADS = ['roi_head', 'bbox_head']  # a two-stage detector's box head; a one-stage detector's (shared) head
 CONDITIONS = {
@@ -86,7 +88,6 @@ def run_one(args, method: str, seed: int, condition: str) -> dict:
 
 
 def summarize(results, study_runs) -> dict:
-    from scipy import stats
     table, paired = {}, {}
     for method in sorted({r['method'] for r in results}):
         rows = [r for r in results if r['method'] == method]
@@ -94,11 +95,9 @@ def summarize(results, study_runs) -> dict:
         table[method] = dict(trained=[float(np.mean(list(trained.values()))), len(trained)])
         for condition in sorted({r['condition'] for r in rows}):
             sub = [r for r in rows if r['condition'] == condition]
-            d = np.array([r['bbox_mAP'] - r['trained']['bbox_mAP'] for r in sub])
             table[method][condition] = [float(np.mean([r['bbox_mAP'] for r in sub])), len(sub)]
-            half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else None
-            paired[f'{method}: {condition} - trained'] = dict(n=len(d), mean=float(d.mean()), ci95=half,
-                                                              min=float(d.min()), max=float(d.max()))
+            d = paired_difference([r['bbox_mAP'] - r['trained']['bbox_mAP'] for r in sub])
+            paired[f'{method}: {condition} - trained'] = {k: d[k] for k in ('n', 'mean', 'ci95', 'min', 'max')}
     gn = [r['bbox_mAP'] for r in study_runs if r['method'] == 'gn']
     if gn:
         table['gn'] = dict(trained=[float(np.mean(gn)), len(gn)])
