@@ -65,6 +65,7 @@ NORMS = {
 # controls that place GN's lead: GN in one part, BN in the other, (neck, box head)
 SPLIT = {'gn-neck': ('gn', 'bn-small'), 'gn-head': ('bn-small', 'gn')}
 METHODS = tuple(NORMS) + tuple(SPLIT)
+WINDOWED = tuple(m for m, norm in NORMS.items() if "'CBN'" in norm)  # the methods that --window-size etc. change
 # paired differences (a - b) reported per seed: what the exact backward changes, and where it stands
 PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'), ('gn', 'cbn'), ('gn', 'bn-small'),
          ('cbn', 'naive-cbn'), ('bn-large', 'cbn'), ('gn-neck', 'bn-small'), ('gn-head', 'bn-small'),
@@ -204,6 +205,9 @@ def _finished(work_dir: str, args, method: str):
                 images_per_iter=args.large_batch if method == 'bn-large' else args.images_per_iter)
     have = {key: result.get(key) for key in want}
     have['detector'] = result.get('detector', 'faster-rcnn')  # runs from before --detector
+    if method not in WINDOWED:  # the window's options do not touch BN or GN: a window study may share their runs
+        for key in ('window_size', 'stat_grad_subsample'):
+            have.pop(key), want.pop(key)
     if have != want:
         raise ValueError(f'detection_study: {path} was run with {have}, not with this command\'s {want}: '
                          'use another --out')

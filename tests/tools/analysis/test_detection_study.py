@@ -170,3 +170,24 @@ def test_split_controls_need_a_norm_in_the_neck(tmp_path):
     with pytest.raises(ValueError, match=r"--methods \['gn-neck'\] .* only with --detector faster-rcnn"):
         detection_study.main(['--detector', 'retinanet', '--methods', 'bn-small', 'gn-neck', '--out', str(tmp_path)])
     assert not (tmp_path / 'runs').exists()
+
+
+def test_a_window_study_shares_bn_runs_but_not_cbn_runs(tmp_path):
+    """A run on disk is reused only with this command's settings; the window's options (--window-size,
+    --stat-grad-subsample) do not change BN or GN, so a window-length study may share their runs, not CBN's."""
+    import argparse
+    args = argparse.Namespace(iters=300, lr=0.02, window_size=4, detector='faster-rcnn', stat_grad_subsample=1,
+                              backbone_checkpoint='/x/backbone.pth', images_per_iter=2, large_batch=8)
+    for method in ('bn-small', 'cbn'):
+        (tmp_path / method).mkdir()
+        record = dict(vars(args), images_per_iter=2, method=method, bbox_mAP=0.25)
+        (tmp_path / method / 'metrics.json').write_text(json.dumps(record))
+    shorter = argparse.Namespace(**dict(vars(args), window_size=2))
+    assert detection_study._finished(str(tmp_path / 'bn-small'), shorter, 'bn-small')['bbox_mAP'] == 0.25
+    assert detection_study._finished(str(tmp_path / 'cbn'), args, 'cbn')['bbox_mAP'] == 0.25
+    with pytest.raises(ValueError, match="'window_size': 4.*'window_size': 2.*use another --out"):
+        detection_study._finished(str(tmp_path / 'cbn'), shorter, 'cbn')
+    other_lr = argparse.Namespace(**dict(vars(shorter), lr=0.01))
+    with pytest.raises(ValueError, match='use another --out'):  # a setting every method depends on still counts
+        detection_study._finished(str(tmp_path / 'bn-small'), other_lr, 'bn-small')
+    assert detection_study._finished(str(tmp_path / 'nothing'), args, 'cbn') is None
