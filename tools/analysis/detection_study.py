@@ -68,8 +68,8 @@ METHODS = tuple(NORMS) + tuple(SPLIT)
 WINDOWED = tuple(m for m, norm in NORMS.items() if "'CBN'" in norm)  # the methods that --window-size etc. change
 # paired differences (a - b) reported per seed: what the exact backward changes, and where it stands
 PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'), ('gn', 'cbn'), ('gn', 'bn-small'),
-         ('cbn', 'naive-cbn'), ('bn-large', 'cbn'), ('gn-neck', 'bn-small'), ('gn-head', 'bn-small'),
-         ('gn', 'gn-neck'), ('gn', 'gn-head'))
+         ('cbn', 'naive-cbn'), ('bn-large', 'cbn'), ('bn-large', 'bn-small'), ('bn-large', 'gn'),
+         ('gn-neck', 'bn-small'), ('gn-head', 'bn-small'), ('gn', 'gn-neck'), ('gn', 'gn-head'))
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 
 
