@@ -389,7 +389,7 @@ def run_model(args, device):
         print(f"  {name:<34}{s['median']:8.2f} s  [{s['q1']:.2f}, {s['q3']:.2f}]")
     for name, s in out.items():
         if isinstance(s, dict) and 'median' in s:
-            print(f"  {name:<44}{s['median']:7.3f}  95% CI [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+            print(f"  {name:<54}{s['median']:7.3f}  95% CI [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
     if infer:
         print(f"  eval outputs identical (CBN vs BN, same weights): {out['eval outputs identical']}")
     return out

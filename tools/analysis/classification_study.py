@@ -14,7 +14,8 @@ Model: a ResNet of three basic blocks (widths 16/32/64, strides 1/2/2) after a 3
 conv (so CBN finds its conv), global pooling and a linear classifier; from scratch.
 
 Training, the same for every variant: SGD with momentum 0.9, weight decay 1e-4, lr ``0.1 * bs / 32`` (linear
-scaling) with cosine decay per iteration, ``--epochs`` epochs. CBN: window ``k = min(ceil(16 / bs), 8)`` and a
+scaling) with cosine decay per iteration, ``--epochs`` epochs. CBN: window ``k = min(ceil(16 / bs), 8)`` (or
+``--window-size``, for a study of the window's length) and a
 burn-in of 25% of the iterations as BN, collecting its window over the last ``k - 1`` of them (what
 ``CBNBurnInHook`` does). Evaluation uses the running statistics (eval mode), as a user would.
 
@@ -377,6 +378,9 @@ def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStats
     return out
 
 
+UNWINDOWED = ('bn', 'gn')  # the variants with no window: --window-size does not change them
+
+
 def window_for(batch_size, window_size=None):
     """The window k of a run: ``window_size`` if given, else the paper's ``min(ceil(16 / bs), 8)``."""
     return resolve_auto_window(batch_size) if window_size is None else window_size
@@ -520,7 +524,7 @@ def main(argv=None):
                              f"model={record.get('model', 'resnet')}, lr={record['lr']}, not with this command's "
                              '--epochs/--model/--lr-base: use another --out')
         k = window_for(record['batch_size'], args.window_size)
-        if record['variant'] not in ('bn', 'gn') and record['window'] != k:
+        if record['variant'] not in UNWINDOWED and record['window'] != k:
             raise ValueError(f"{run_path(*j[:5])} was trained with window {record['window']}, not with this "
                              f'command\'s {k} (--window-size {args.window_size}): use another --out')
         records.append(record)

@@ -22,7 +22,9 @@ warm-up, lr steps at 75% and 92%), CBN burn-in for the first sixth, and is then 
 CocoMetric on the toy val split. Runs go through mmengine's Runner (``tools/train.py``), ``--jobs`` at a time, each
 in its own process with ``--threads`` torch threads. Each run's config, log and metrics stay in ``--out/runs/``.
 A run whose ``metrics.json`` is on disk with the same settings is not run again, so an interrupted study resumes
-where it stopped (and a pretraining run's checkpoint is reused the same way).
+where it stopped (and a pretraining run's checkpoint is reused the same way). BN and GN runs do not depend on the
+window's options (``--window-size``), so a window-length study may share them: link or copy their run folders, and
+the pretraining folder, into its ``--out`` (README, "The window's length").
 
 By default the backbone trains from scratch with BN at the run's batch. ``--pretrain-iters N`` first trains a BN
 model for N iterations and loads its backbone, frozen with its BN, into every run (the paper's "fixed BN" backbone,
@@ -206,6 +208,7 @@ def _finished(work_dir: str, args, method: str):
     have = {key: result.get(key) for key in want}
     have['detector'] = result.get('detector', 'faster-rcnn')  # runs from before --detector
     if method not in WINDOWED:  # the window's options do not touch BN or GN: a window study may share their runs
+        # (stat_grad_subsample changes only 'cbn', but is still checked for the other CBN methods: stricter, safe)
         for key in ('window_size', 'stat_grad_subsample'):
             have.pop(key), want.pop(key)
     if have != want:

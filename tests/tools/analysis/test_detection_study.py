@@ -40,10 +40,12 @@ def test_study_tiny_run(tmp_path):
         (m, s) for m in ('bn-small', 'cbn-authors', 'bn-large') for s in (0, 1)}
     # paired differences, per seed, from the runs
     by = {(r['method'], r['seed']): r for r in saved['runs']}
-    pair = saved['paired']['cbn-authors - bn-small']
-    assert pair['n'] == 2 and pair['seeds'] == [0, 1] and set(saved['paired']) == {'cbn-authors - bn-small'}
-    assert math.isclose(pair['bbox_mAP']['mean'], sum(by[('cbn-authors', s)]['bbox_mAP'] - by[('bn-small', s)][
-        'bbox_mAP'] for s in (0, 1)) / 2, abs_tol=1e-12)
+    assert set(saved['paired']) == {'cbn-authors - bn-small', 'bn-large - bn-small'}
+    for a, b in (('cbn-authors', 'bn-small'), ('bn-large', 'bn-small')):
+        pair = saved['paired'][f'{a} - {b}']
+        assert pair['n'] == 2 and pair['seeds'] == [0, 1]
+        assert math.isclose(pair['bbox_mAP']['mean'], sum(by[(a, s)]['bbox_mAP'] - by[(b, s)]['bbox_mAP']
+                                                          for s in (0, 1)) / 2, abs_tol=1e-12)
     assert all(r['iters'] == 6 and r['train_cpu_s'] > 0 for r in saved['runs'])
     assert (out / 'detection_study.png').stat().st_size > 1000
     # each run's config normalizes the neck and the box head with its method, and nothing else is left over
@@ -190,4 +192,3 @@ def test_a_window_study_shares_bn_runs_but_not_cbn_runs(tmp_path):
     other_lr = argparse.Namespace(**dict(vars(shorter), lr=0.01))
     with pytest.raises(ValueError, match='use another --out'):  # a setting every method depends on still counts
         detection_study._finished(str(tmp_path / 'bn-small'), other_lr, 'bn-small')
-    assert detection_study._finished(str(tmp_path / 'nothing'), args, 'cbn') is None
