@@ -8,8 +8,8 @@ from .utils.stack import check_stack
 
 check_stack()
 
-from .engine import CBNBurnInHook, CBNStatsErrorHook  # noqa: E402
-from .models import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
+from .engine import CBNBurnInHook, CBNStatsErrorHook, resolve_auto_window  # noqa: E402
+from .models import CrossIterationBatchNorm2d  # noqa: E402
 from .registry import register_all  # noqa: E402
 from .utils.checkpoint import install_checkpoint_loader  # noqa: E402
 from .version import __version__  # noqa: E402

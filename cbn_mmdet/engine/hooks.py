@@ -3,13 +3,15 @@
 The hook never does math: it tells each CBN layer, before every training iteration, whether to normalize with
 its window and whether to collect history, and it moves the windows in and out of checkpoints.
 """
+import math
 from typing import Dict, Iterable, Optional, Tuple, Union
 
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-from ..models.cbn import CrossIterationBatchNorm2d, resolve_auto_window
+from ..models import CrossIterationBatchNorm2d
+from ..models.options import check_window_size, positive_int
 
 CHECKPOINT_KEY = 'cbn_windows'
 # how often CBNBurnInHook reads the layers' device counters of checkpoint replays that saw another input (CUDA)
@@ -17,9 +19,9 @@ REPLAY_CHECK_INTERVAL = 100
 _CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d)
 
 
-def _check_count(name: str, value) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f'CBNBurnInHook: {name} must be an int >= 0, got {value!r}')
+def resolve_auto_window(images_per_gpu: int) -> int:
+    """The paper's suggested window (Sec. 4.3): ``k = min(ceil(16 / images per GPU), 8)``."""
+    return min(math.ceil(16 / positive_int('images_per_gpu', images_per_gpu)), 8)
 
 
 def cbn_layers(model: nn.Module) -> Iterable[Tuple[str, CrossIterationBatchNorm2d]]:
@@ -72,11 +74,11 @@ class CBNBurnInHook(Hook):
         if (burnin_epochs is None) == (burnin_iters is None):
             raise ValueError('CBNBurnInHook: give exactly one of burnin_epochs and burnin_iters, got '
                              f'burnin_epochs={burnin_epochs!r}, burnin_iters={burnin_iters!r}')
-        _check_count('burnin_epochs', burnin_epochs)
-        _check_count('burnin_iters', burnin_iters)
-        if window_size is not None and window_size != 'auto' and (
-                isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1):
-            raise ValueError(f"CBNBurnInHook: window_size must be None, an int >= 1 or 'auto', got {window_size!r}")
+        for name, value in (('burnin_epochs', burnin_epochs), ('burnin_iters', burnin_iters)):
+            if value is not None:
+                positive_int(name, value, minimum=0, owner='CBNBurnInHook: ')
+        if window_size is not None:
+            check_window_size(window_size, owner='CBNBurnInHook: ')
         self.burnin_epochs = burnin_epochs
         self.burnin_iters = burnin_iters
         self.window_size = window_size

@@ -40,7 +40,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models.cbn import CrossIterationBatchNorm2d, _in_backward
+from ..models import CrossIterationBatchNorm2d, in_backward
 from ..ops import batch_moments, relative_stat_errors, window_moments
 from .hooks import cbn_layers
 
@@ -152,7 +152,7 @@ class CBNStatsErrorHook(Hook):
     def _snapshot(self, module, args) -> None:
         """Before the forward: the window of the call position it takes, as the layer sees it (this iteration not
         yet pushed). A checkpoint recomputation during backward (after the push) is not a call."""
-        if _in_backward() or not isinstance(module, CrossIterationBatchNorm2d) or not module.training:
+        if in_backward() or not isinstance(module, CrossIterationBatchNorm2d) or not module.training:
             return
         x = args[0]
         if not x.numel():
@@ -167,7 +167,7 @@ class CBNStatsErrorHook(Hook):
     def _capture(self, module, args, output) -> None:
         """After the forward: the statistics the layer normalized with, and the batch's own, per call (a head
         shared across FPN levels calls its layers once per level)."""
-        if _in_backward():
+        if in_backward():
             return
         x = args[0]
         frozen = self._frozen.setdefault(module, [])
@@ -177,7 +177,7 @@ class CBNStatsErrorHook(Hook):
                           (module.running_mean.clone(), module.running_var.clone()))
             return
         mu_t, s_t = batch_moments(x.detach())
-        replay = getattr(module, '_replay', None)
+        replay = module.last_call if isinstance(module, CrossIterationBatchNorm2d) else None
         if isinstance(module, CrossIterationBatchNorm2d) and replay is not None and torch.equal(replay.mu_t, mu_t):
             frozen.append((replay.stats.mu_bar.clone(), replay.stats.var_bar.clone()))
             entry = self._estimates.setdefault(module, {}).setdefault(module.call_position, {})

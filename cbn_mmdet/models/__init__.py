@@ -1,4 +1,8 @@
-"""The CBN layer (torch-only); registration with mmengine's root MODELS happens in cbn_mmdet.registry."""
-from .cbn import CrossIterationBatchNorm2d, resolve_auto_window
+"""The CBN layer (torch-only), split by kind of state; registration with mmengine's root MODELS happens in
+cbn_mmdet.registry."""
+from .cbn import CrossIterationBatchNorm2d
+from .conv_lookup import find_conv, in_backward
+from .replay import Replay, WindowStats
+from .window import WindowBank
 
-__all__ = ['CrossIterationBatchNorm2d', 'resolve_auto_window']
+__all__ = ['CrossIterationBatchNorm2d', 'Replay', 'WindowBank', 'WindowStats', 'find_conv', 'in_backward']

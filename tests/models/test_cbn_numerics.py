@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
-from cbn_mmdet.ops.cbn_stats import batch_moments
+from cbn_mmdet.ops import batch_moments
 
 from .common import DEVICES, no_tf32, sgd_step
 
@@ -117,7 +117,7 @@ def test_low_precision_inputs_keep_fp32_statistics(dtype, device):
         assert y.dtype == dtype and torch.isfinite(y).all()
         y.float().square().mean().backward()
         sgd_step([*conv.parameters(), *layer.parameters()])
-    assert layer._window.tensors['g_s'].dtype == torch.float32
+    assert layer.window_at(0).gp.dtype == torch.float32
 
 
 def test_autocast_uses_fp32_kernel():
@@ -127,7 +127,7 @@ def test_autocast_uses_fp32_kernel():
             y = layer(conv(torch.randn(2, 3, 6, 6)))
         assert torch.isfinite(y).all()
         y.float().square().mean().backward()
-        assert layer._conv_params[0] is conv.weight
+        assert layer.last_conv[0] is conv.weight
         sgd_step([*conv.parameters(), *layer.parameters()])
     assert layer.window_length == 2
 
@@ -193,7 +193,7 @@ def test_autocast_matches_fp32_within_derived_bound(dtype, backward, device):
                 p.grad = q.grad = None
         if use_scaler:
             scaler.update()
-    assert layer_a.window_length == 2 and layer_a._window.tensors['g_s'].dtype == torch.float32
+    assert layer_a.window_length == 2 and layer_a.window_at(0).gp.dtype == torch.float32
 
 
 class SyncCounter:

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
-from cbn_mmdet.ops.cbn_stats import compensate
+from cbn_mmdet.ops import compensate
 
 from .common import CONV_VARIANTS, DEVICES, no_tf32, sgd_step
 from .reference import ReferenceCBN
@@ -109,10 +109,10 @@ def test_matches_reference_when_the_clamp_triggers_fp64(mode, device):
 
     def count(*layers):
         for layer in layers:
-            window = layer._window
+            window = layer.window_at(0)
             if window is not None and window.count and layer.compensate:
                 h = window.view()
-                kernel, bias = layer._conv_params
+                kernel, bias = layer.last_conv
                 comp = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'],
                                   kernel.detach(), None if bias is None else bias.detach())
                 clamped.append(int((~comp.inside).sum()))

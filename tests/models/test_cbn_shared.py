@@ -107,11 +107,10 @@ def test_each_call_position_matches_an_independent_layer(mode, managed):
     assert worst <= TOL
     assert shared.window_lengths == [2] * C and shared.calls_per_iteration == C
     for c, layer in enumerate(layers):
-        for key, value in layer._window.tensors.items():
-            other = shared.window_at(c).tensors[key]
-            assert (value is None) == (other is None), key
-            if value is not None:
-                torch.testing.assert_close(other, value, rtol=TOL, atol=TOL)
+        mine, theirs = layer.window_at(0).tensors(), shared.window_at(c).tensors()
+        assert set(mine) == set(theirs)
+        for key, value in mine.items():
+            torch.testing.assert_close(theirs[key], value, rtol=TOL, atol=TOL)
 
 
 @pytest.mark.parametrize('managed', [True, False])
@@ -125,8 +124,8 @@ def test_non_finite_and_empty_calls_advance_the_position(kind, managed):
     assert shared.window_lengths == [layer.window_length for layer in layers]
     if kind == 'nan':
         assert shared.window_lengths == [2, 2, 2]
-        assert sorted(shared.window_at(1).tensors['w'].tolist()) == [0.0, 1.0]  # iterations 4 (nan) and 5
-        assert shared.window_at(2).tensors['w'].tolist() == [1.0, 1.0]
+        assert sorted(shared.window_at(1).view()['w'].tolist()) == [0.0, 1.0]  # iterations 4 (nan) and 5
+        assert shared.window_at(2).view()['w'].tolist() == [1.0, 1.0]
     else:
         assert shared.window_lengths == [2, 2, 2]  # position 1: iterations 1, 2 and 5, minus the oldest
         assert shared.calls_per_iteration == C
@@ -213,7 +212,7 @@ def test_unmanaged_boundaries_by_backward_and_by_kernel_change():
         layer(conv(torch.randn(2, 3, 6, 6)))
         layer(conv(torch.randn(2, 3, 6, 6)))
     assert layer.window_lengths == [2, 2] and layer.calls_per_iteration == 2
-    assert layer._call == 1
+    assert layer.call_position == 1
 
 
 def test_eval_forwards_do_not_advance_the_position():
@@ -224,7 +223,7 @@ def test_eval_forwards_do_not_advance_the_position():
     layer(conv(torch.randn(2, 3, 6, 6)))
     layer.train()
     layer(conv(torch.randn(2, 3, 6, 6)))
-    assert layer._call == 1 and layer.window_lengths == [1, 1]
+    assert layer.call_position == 1 and layer.window_lengths == [1, 1]
 
 
 def test_loading_a_state_into_a_layer_that_already_trained_starts_a_fresh_iteration():

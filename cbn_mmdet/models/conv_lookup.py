@@ -1,0 +1,53 @@
+"""Finding the convolution that produced a CBN layer's input, in the input's autograd graph."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops import ConvSpec
+
+__all__ = ['in_backward', 'find_conv']
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (a checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _leaf_parameter(node) -> Optional[Tensor]:
+    """The leaf tensor behind a conv's weight/bias input, looking through autocast's dtype cast."""
+    while node is not None:
+        if hasattr(node, 'variable'):  # AccumulateGrad
+            return node.variable
+        if type(node).__name__ != 'ToCopyBackward0' or len(node.next_functions) != 1:
+            return None
+        node = node.next_functions[0][0]
+    return None
+
+
+def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
+    """The 2D convolution that produced ``x``, read from its autograd node, or None and the reason why not.
+
+    The kernel is the leaf parameter (fp32 even under autocast); a frozen or derived kernel is the tensor the
+    convolution used. A frozen bias is constant: it gets no compensation term.
+    """
+    fn = x.grad_fn
+    if fn is None:
+        return None, 'its input has no autograd graph'
+    if type(fn).__name__ != 'ConvolutionBackward0':
+        return None, f'its input was produced by {type(fn).__name__}, not by a convolution'
+    try:
+        transposed, weight = fn._saved_transposed, fn._saved_weight
+        inp = fn._saved_input
+        stride, padding, dilation, groups = (fn._saved_stride, fn._saved_padding, fn._saved_dilation,
+                                             fn._saved_groups)
+        has_bias = fn._saved_bias_sym_sizes_opt is not None
+    except (AttributeError, RuntimeError) as err:  # saved tensors freed, or a new torch layout
+        return None, f'the convolution in its graph could not be read ({err})'
+    if transposed or weight.dim() != 4:
+        return None, 'its input was produced by a transposed or non-2D convolution'
+    kernel = _leaf_parameter(fn.next_functions[1][0])
+    if kernel is None or kernel.shape != weight.shape:
+        kernel = weight  # frozen or derived kernel: the tensor the conv used is theta
+    bias = _leaf_parameter(fn.next_functions[2][0]) if has_bias else None  # frozen bias: constant, no term
+    return ConvSpec(kernel, bias, inp, tuple(stride), tuple(padding), tuple(dilation), int(groups)), ''

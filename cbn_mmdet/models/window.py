@@ -1,0 +1,195 @@
+"""The window: a static bank of stacked tensors per call position, its scratch, and its checkpoint state.
+
+The layout and the mathematics over it are in :mod:`cbn_mmdet.ops.fused`. A bank never changes shape once made:
+an empty or skipped slot is a zero row of weight 0, so a partly filled window is computed exactly like a full one.
+"""
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from ..ops.fused import FIELDS, MU, ONE, A, M, R, S
+
+__all__ = ['WindowBank', 'Workspace', 'STATE_KEYS']
+
+# the keys of a window state (one call position), as checkpoints have always held them; 'a_mu' and 'a_s' (the
+# intercepts the bank keeps) were added with the bank and make a round trip exact
+STATE_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm', 'w', 'a_mu', 'a_s')
+
+
+def _move(t: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """``fn(t)`` for a device move; a dtype cast (``.half()``, ``.to(torch.bfloat16)``) is not applied: the tensor
+    follows the device only, bit for bit."""
+    moved = fn(t)
+    return moved if moved.dtype == t.dtype else t.to(moved.device)
+
+
+class Workspace:
+    """One layer's scratch for a training forward: ``work = [gp entry (C + g, D) | entry (F, C) | sums (4, C)]``,
+    the exact backward's coefficient buffer ``hbuf`` (T, 2C + 1), and a 0-dim zero. Shared by the layer's call
+    positions, which run one after another; nothing in it is saved for the backward."""
+
+    def __init__(self, channels: int, kernel_shape: Optional[Sequence[int]], groups: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.key = (channels, None if kernel_shape is None else tuple(kernel_shape), groups, capacity, dtype,
+                    torch.device(device))
+        c = channels
+        d = 0 if kernel_shape is None else math.prod(kernel_shape[1:])
+        rows = c + groups if kernel_shape is not None else 0
+        self.work = torch.zeros(rows * d + FIELDS * c + 4 * c, dtype=dtype, device=device)
+        self.hbuf = torch.zeros(capacity, 2 * c + 1, dtype=dtype, device=device)
+        self.hbuf[:, 2 * c] = 1
+        self.zero = torch.zeros((), dtype=dtype, device=device)
+        self._shape = (c, rows, d)
+        self._views()
+        self.entry[ONE] = 1
+        self._m: Optional[int] = None
+
+    def _views(self) -> None:
+        c, rows, d = self._shape
+        g = rows * d
+        self.gp_entry = self.work[:g].view(rows, d) if rows else None
+        self.entry = self.work[g:g + FIELDS * c].view(FIELDS, c)
+        self.sums = self.work[g + FIELDS * c:].view(4, c)
+
+    def fresh(self, gp: bool, sums: bool) -> Tensor:
+        """The part of ``work`` this forward wrote: the entry's moments (and, when pushing with compensation, its
+        kernel gradients and intercepts; when windowed, the sums). One finiteness check covers it; what an earlier
+        forward left in the rest is not looked at."""
+        c, rows, d = self._shape
+        g = rows * d
+        start = 0 if gp else g + S * c
+        return self.work[start:g + FIELDS * c + (4 * c if sums else 0)]
+
+    def set_count(self, m: int) -> None:
+        """The entry's count row (values per channel of the current input); written only when it changes."""
+        if m != self._m:
+            self.entry[M] = m
+            self._m = m
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        self.work, self.hbuf, self.zero = (_move(t, fn) for t in (self.work, self.hbuf, self.zero))
+        self.key = self.key[:5] + (self.work.device, )
+        self._views()
+
+
+class WindowBank:
+    """The last ``capacity`` iterations of one call position, as a ring of static slots.
+
+    ``stats`` (T, F, C) and, when compensating, ``gp`` (C + g, T, D): see :mod:`cbn_mmdet.ops.fused`. ``count`` and
+    ``next`` are host integers: how many slots hold an iteration, and which slot the next push writes. No copy of the
+    kernel is kept.
+    """
+
+    def __init__(self, capacity: int, channels: int, dtype: torch.dtype, device,
+                 kernel_shape: Optional[Sequence[int]] = None, groups: int = 1):
+        self.capacity = capacity
+        self.channels = channels
+        self.kernel_shape = None if kernel_shape is None else tuple(kernel_shape)
+        self.groups = groups
+        self.stats = torch.zeros(capacity, FIELDS, channels, dtype=dtype, device=device)
+        self.gp = None
+        if self.kernel_shape is not None:
+            d = math.prod(self.kernel_shape[1:])
+            self.gp = torch.zeros(channels + groups, capacity, d, dtype=dtype, device=device)
+        self.count = 0
+        self.next = 0
+
+    @property
+    def compensating(self) -> bool:
+        return self.gp is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.stats.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.stats.device
+
+    def matches(self, capacity: int, channels: int, dtype: torch.dtype, device,
+                kernel_shape: Optional[Sequence[int]], groups: int) -> bool:
+        """Whether an iteration of this shape fits (otherwise the window starts afresh)."""
+        return (self.capacity == capacity and self.channels == channels and self.dtype == dtype
+                and self.device == torch.device(device) and self.kernel_shape == (
+                    None if kernel_shape is None else tuple(kernel_shape)) and self.groups == groups)
+
+    def slot(self) -> Tuple[Tensor, Optional[Tensor]]:
+        """The views the next push writes: (F, C) of ``stats`` and (C + g, D) of ``gp``."""
+        return self.stats[self.next], None if self.gp is None else self.gp[:, self.next]
+
+    def advance(self) -> None:
+        self.next = (self.next + 1) % self.capacity
+        self.count = min(self.count + 1, self.capacity)
+
+    @property
+    def nbytes(self) -> int:
+        return self.stats.nbytes + (0 if self.gp is None else self.gp.nbytes)
+
+    def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Follow a device move; the statistics keep their dtype bit for bit under a module dtype cast."""
+        self.stats = _move(self.stats, fn)
+        if self.gp is not None:
+            self.gp = _move(self.gp, fn)
+
+    # ------------------------------------------------------------------ the stored iterations, as named tensors
+    def tensors(self, rows: Optional[int] = None) -> Dict[str, Tensor]:
+        """The first ``rows`` slots (default: all) in the window-state format: ``mu``, ``s`` (T, C), ``m``, ``w``
+        (T,), and when compensating ``g_mu`` (T, g, C_in/g, kh, kw), ``g_s`` (T, C, C_in/g, kh, kw), ``p_mu``,
+        ``p_s``, ``bias`` (T, C; the bias is folded into ``p_mu``, which compensates the same) and the intercepts
+        ``a_mu``, ``a_s``. New tensors (copies), in slot order."""
+        rows = self.capacity if rows is None else rows
+        st = self.stats[:rows]
+        out = dict(mu=st[:, MU].clone(), s=st[:, S].clone(), m=st[:, M, 0].clone(), w=st[:, ONE, 0].clone())
+        if self.gp is not None:
+            c, g = self.channels, self.groups
+            k = self.kernel_shape
+            gp = self.gp[:, :rows].transpose(0, 1)  # (T, C + g, D)
+            out.update(g_mu=gp[:, c:].reshape(rows, g, *k[1:]), g_s=gp[:, :c].reshape(rows, *k),
+                       p_mu=st[:, MU] - st[:, A], p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
+                       a_mu=st[:, A].clone(), a_s=st[:, R].clone())
+        return out
+
+    def view(self) -> Dict[str, Tensor]:
+        """The stored iterations (order does not matter: Eq. 9-10 are sums), as :meth:`tensors` names them."""
+        return self.tensors(self.count)
+
+    def state(self) -> dict:
+        """The checkpoint state of this call position: CPU tensors of every slot, ``count`` and ``next``."""
+        return dict(count=self.count, next=self.next, tensors={k: v.cpu() for k, v in self.tensors().items()})
+
+    @classmethod
+    def from_state(cls, state: dict, capacity: int, channels: int, device, describe: str) -> Optional['WindowBank']:
+        """A bank holding a :meth:`state` (or a window state written before the bank existed). None when empty."""
+        if not state['count']:
+            return None
+        t = state['tensors']
+        if t['mu'].shape != (capacity, channels):
+            raise ValueError(f"{describe}: window state holds {tuple(t['mu'].shape)} statistics, expected "
+                             f'({capacity}, {channels})')
+        dtype = t['mu'].dtype
+        kernel_shape = groups = None
+        if t.get('g_s') is not None:
+            kernel_shape, groups = tuple(t['g_s'].shape[1:]), t['g_mu'].shape[1]
+        bank = cls(capacity, channels, dtype, device, kernel_shape, groups or 1)
+        st = bank.stats
+        st[:, MU] = t['mu']
+        st[:, S] = t['s']
+        st[:, 4] = t['mu']  # E: the stored mean (Naive CBN reads it; a compensating forward overwrites it)
+        st[:, M] = t['m'].to(dtype)[:, None]
+        # written before skipped iterations had weights: every stored slot counted
+        w = t['w'] if t.get('w') is not None else (torch.arange(capacity) < int(state['count'])).to(dtype)
+        st[:, ONE] = w.to(dtype)[:, None]
+        if kernel_shape is not None:
+            if t.get('a_mu') is not None:
+                st[:, A], st[:, R] = t['a_mu'], t['a_s']
+            else:  # the old format: A = mu - p_mu - bias, R = s - p_s
+                bias = t['bias'] if t.get('bias') is not None else 0
+                st[:, A] = t['mu'] - t['p_mu'] - bias
+                st[:, R] = t['s'] - t['p_s']
+            c = channels
+            bank.gp[:c] = t['g_s'].reshape(capacity, c, -1).transpose(0, 1).to(device)
+            bank.gp[c:] = t['g_mu'].reshape(capacity, groups, -1).transpose(0, 1).to(device)
+        bank.count, bank.next = int(state['count']), int(state['next'])
+        return bank

@@ -1,0 +1,221 @@
+"""The statistics' gradients with respect to the producing convolution's kernel, in closed form (Appendix B).
+
+With the convolution's kernel ``W`` (C, C_in/g, kh, kw), its input ``u`` and output ``x``:
+
+* ``dmu_j/dW_j``  = the mean input patch ``P`` (identical for all ``j`` of a group)           (Eq. 15)
+* ``dnu_j/dW_j``  = (2/m) sum_i x_ij patch_i = ``ds_j/dW_j + 2 mu_j P``                         (App. B)
+* ``ds_j/dW_j``   = (2/m) sum_i (x_ij - mu_j) patch_i = ``dnu_j/dW_j - 2 mu_j P``   (one weight-gradient)
+* ``dmu_j/db_j = 1``, ``ds_j/db_j = 0``  (``dnu_j/db_j = 2 mu_j``)
+"""
+import functools
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from torch.nn.grad import conv2d_weight
+
+from ._common import autocast_off
+
+__all__ = ['ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'channel_dots', 'kernel_products']
+
+
+class ConvSpec(NamedTuple):
+    """What the statistics' gradients need to know about the convolution that produced x."""
+    weight: Tensor  # (C, C_in/g, kh, kw), the parameter itself (fp32 even under autocast)
+    bias: Optional[Tensor]  # (C,) or None
+    input: Tensor  # (N, C_in, H_in, W_in), as the convolution saw it
+    stride: Sequence[int]
+    padding: Sequence[int]
+    dilation: Sequence[int]
+    groups: int
+
+
+class StatGrads(NamedTuple):
+    """Closed-form gradients of one iteration's statistics w.r.t. its own conv kernel (Appendix B)."""
+    g_mu: Tensor  # (g, C_in/g, kh, kw): d mu_j / d W_j, shared by the channels of a group (Eq. 15)
+    g_s: Tensor  # (C, C_in/g, kh, kw): d s_j / d W_j
+
+
+def subsample_plan(n: int, h: int, ratio: int) -> Tuple[str, int]:
+    """Which output positions estimate ``ds/dW`` when only ``1/ratio`` of them are to be used.
+
+    Every ``ratio``-th sample when the batch has at least ``8 * ratio`` samples (RoI heads: RoIs are many and
+    independent), otherwise every ``ratio``-th row of every sample (backbone and neck maps: few images, many rows).
+    ``('all', 1)`` when ``ratio`` is 1 or the map has too few rows to subsample.
+
+    Returns:
+        tuple[str, int]: ``('samples' | 'rows' | 'all', step)``.
+    """
+    if ratio <= 1:
+        return 'all', 1
+    if n >= 8 * ratio:
+        return 'samples', ratio
+    if h >= 2 * ratio:
+        return 'rows', ratio
+    return 'all', 1
+
+
+@functools.lru_cache(maxsize=512)
+def _tap_matrix_cached(size: int, out: int, k: int, stride: int, padding: int, dilation: int, scale: float,
+                       dtype: torch.dtype, device: torch.device) -> Tensor:
+    rows = torch.arange(size, device=device)
+    taps = torch.arange(out, device=device)[None, :] * stride - padding + (
+        torch.arange(k, device=device) * dilation)[:, None]  # (k, out): the input row tap a reads at output row i
+    # a comparison instead of boolean-mask indexing: no data-dependent shape, so no device-to-host copy
+    return (taps[:, :, None] == rows).any(1).to(dtype).mul_(scale)  # (k, size)
+
+
+def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation: int, like: Tensor,
+                scale: float = 1.0) -> Tensor:
+    """(k, size) matrix along one axis: entry ``[a, r]`` is ``scale`` when input row ``r`` is read by kernel tap ``a``
+    at some output row (``r = i * stride + a * dilation - padding``; rows in the zero padding read nothing), else 0.
+    Cached per shape, scale, dtype and device: a detection model sees a handful of map sizes."""
+    return _tap_matrix_cached(size, out, k, stride, padding, dilation, scale, like.dtype, like.device)
+
+
+def _column_sums(u: Tensor, conv: 'ConvSpec', out_w: int, stride_w: int) -> Tensor:
+    """``(sum_n U_n) C_b``: for every input row, the batch sum of what each kernel column tap ``b`` reads, over the
+    output columns: (C_in, H, kw). The one read of ``u`` behind :func:`_mean_patch`."""
+    n, c_in, h, w = u.shape
+    kw = conv.weight.shape[3]
+    cols = _tap_matrix(w, out_w, kw, stride_w, conv.padding[1], conv.dilation[1], u)  # (kw, W)
+    return torch.mm(u.sum(0).view(c_in * h, w), cols.t()).view(c_in, h, kw)
+
+
+def _mean_patch(by_col: Tensor, conv: 'ConvSpec', out_h: int, stride_h: int, count: int,
+                out: Optional[Tensor] = None) -> Tensor:
+    """``(1/count) sum_i patch_i`` over the output positions of a conv with row stride ``stride_h``:
+    (g, C_in/g, kh, kw), written into ``out`` (same shape, contiguous) when given.
+
+    The patch sum separates into rows and columns: ``sum_i patch_i[c, a, b] = R_a^T U_c C_b`` with ``U_c`` the
+    batch-summed input channel and ``R`` (``C``) the rows (columns) each kernel tap reads (:func:`_tap_matrix`).
+    ``by_col`` is the column part (:func:`_column_sums`, a single read of the input); what remains here is one small
+    product, with ``1/count`` folded into the cached row taps. A weight-gradient against a ones map would instead
+    build the (C_in * K, H * W) patch matrix.
+    """
+    c_in, h, kw = by_col.shape
+    kh = conv.weight.shape[2]
+    rows = _tap_matrix(h, out_h, kh, stride_h, conv.padding[0], conv.dilation[0], by_col, 1.0 / count)  # (kh, H)
+    shape = (conv.groups, c_in // conv.groups, kh, kw)
+    if out is None:
+        out = by_col.new_empty(shape)
+    torch.matmul(rows, by_col, out=out.view(c_in, kh, kw))  # (kh, H) @ (C_in, H, kw) -> (C_in, kh, kw)
+    return out
+
+
+@autocast_off
+def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
+                    centre_first: Optional[bool] = None, out: Optional[Tensor] = None) -> StatGrads:
+    """``dmu/dW`` and ``ds/dW`` of the current iteration, in closed form (Appendix B, Eq. 13-15).
+
+    ``dmu_j/dW_j`` is the mean input patch, shared by the channels of a group; it costs one read of the input
+    (:func:`_mean_patch`). ``ds_j/dW_j`` is one full convolution
+    weight-gradient with grad_output ``x``, centred afterwards on the kernel-sized result (``- 2 mu dmu/dW``); the
+    ``2/m`` factor is applied to the small result, not to x.
+
+    With ``subsample = r > 1`` (an opt-in approximation), ``ds/dW`` is estimated from ``1/r`` of the output
+    positions chosen by :func:`subsample_plan`: ``(2/m') sum_{i in S} (x_i - mu) patch_i`` over the subset ``S`` of
+    ``m'`` positions, which costs ``1/r`` of the weight-gradient. Rows are taken by running the weight-gradient with
+    the row stride multiplied by ``r``, so no patch is gathered. ``dmu/dW`` stays exact.
+
+    Args:
+        conv (ConvSpec): the producing convolution.
+        x (Tensor): its output (N, C, H, W).
+        mu (Tensor): the per-channel mean of x (C,), in the statistics dtype.
+        subsample (int): use every ``subsample``-th sample or row for ``ds/dW``. Default: 1 (exact).
+        centre_first (bool, optional): run the weight-gradient on ``x - mu`` instead of ``x`` (one more pass over
+            x). Needed where the weight-gradient rounds its operands, as cuDNN's TF32 does (10-bit mantissa): on
+            the uncentred x, whose |mu| may be >> std, that rounding would swamp the centred result. Default: on
+            CUDA while ``torch.backends.cudnn.allow_tf32`` is set, off otherwise (fp32 accumulates exactly enough).
+        out (Tensor, optional): a contiguous (C + g, C_in/g * kh * kw) buffer in the statistics dtype: ``ds/dW`` is
+            written into its first C rows and ``dmu/dW`` into the last g (the window bank's push entry).
+
+    Returns:
+        StatGrads: both gradients, in the dtype of ``mu`` (views of ``out`` when given).
+    """
+    dtype = mu.dtype
+    n, c, h, w = x.shape
+    groups = conv.groups
+    shape = conv.weight.shape
+    if out is None:
+        out = mu.new_empty(c + groups, shape[1] * shape[2] * shape[3])
+    g_s_out, g_mu_out = out[:c].view(shape), out[c:].view(groups, *shape[1:])
+    u = conv.input.to(dtype)
+    # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
+    by_col = _column_sums(u, conv, w, conv.stride[1])
+    g_mu = _mean_patch(by_col, conv, h, conv.stride[0], n * h * w, out=g_mu_out)  # -> (g, C_in/g, kh, kw)
+    how, step = subsample_plan(n, h, subsample)
+    stride = tuple(conv.stride)
+    if how == 'samples':
+        u, x = u[::step].contiguous(), x[::step]
+    elif how == 'rows':
+        x = x[:, :, ::step]
+        stride = (stride[0] * step, stride[1])  # output row i of this conv is row i*step of the original one
+    m = x.shape[0] * x.shape[2] * x.shape[3]
+    # the mean patch over the positions that enter ds/dW; a row subset reads the same columns
+    if how == 'all':
+        patch = g_mu
+    elif how == 'samples':
+        patch = _mean_patch(_column_sums(u, conv, w, stride[1]), conv, h, stride[0], m)
+    else:
+        patch = _mean_patch(by_col, conv, x.shape[2], stride[0], m)
+    # d s / dW = (2/m) sum_i (x_i - mu) patch_i = (2/m) sum_i x_i patch_i - 2 mu dmu/dW      (App. B)
+    # The centring is applied to the (C, C_in/g, kh, kw) result, which saves a full pass over x. Its cancellation
+    # touches only this first-order term: s itself comes from batch_moments, centred.
+    if centre_first is None:
+        centre_first = x.is_cuda and torch.backends.cudnn.allow_tf32
+    grad_out = x.to(dtype) - mu.view(1, c, 1, 1) if centre_first else x.to(dtype)
+    # a channels_last input gives a channels_last weight-gradient: made contiguous (a no-op otherwise) for the view
+    g_s = conv2d_weight(u, shape, grad_out, stride, conv.padding, conv.dilation, groups).contiguous()
+    if centre_first:  # (2/m) sum_i (x_i - mu) patch_i directly
+        torch.mul(g_s, 2.0 / m, out=g_s_out)
+        return StatGrads(g_mu, g_s_out)
+    # g_s = (2/m) g_s - 2 mu_j patch, one fused pass: a rank-1 update per group (C/g, 1) x (1, C_in/g * K)
+    torch.baddbmm(g_s.view(groups, c // groups, -1), mu.view(groups, c // groups, 1), patch.view(groups, 1, -1),
+                  beta=2.0 / m, alpha=-2.0, out=g_s_out.view(groups, c // groups, -1))
+    return StatGrads(g_mu, g_s_out)
+
+
+def channel_dots(a: Tensor, b: Tensor) -> Tensor:
+    """Per-channel inner products ``sum_d a[..., c, d] * b[c, d]``: (..., C, D) and (C, D) -> (..., C).
+
+    Computed with torch's fused BN-backward reduction (``sum dy * (x - mean) * invstd`` over the positions, with
+    ``mean = 0`` and ``invstd = 1``): one pass over both tensors. ``einsum`` and ``bmm`` turn this into C tiny
+    matrix products and take about 4x as long on the CPU, which matters for the 1x1 convolutions of a backbone,
+    whose kernels are as large as their outputs.
+    """
+    c, d = b.shape
+    lead = a.shape[:-2]
+    rows = a.reshape(-1, c, d)
+    if rows.shape[0] == 0:
+        return a.new_zeros(*lead, c)
+    zeros, ones = b.new_zeros(c), b.new_ones(c)
+    # weight=ones, not None: CUDA's reduce path allocates the weight-gradient with the weight's options
+    out = [torch.ops.aten.native_batch_norm_backward(row.reshape(1, c, d), b.view(1, c, d), ones, None, None, zeros,
+                                                     ones, True, 0.0, [False, True, False])[1] for row in rows]
+    return torch.stack(out).reshape(*lead, c)
+
+
+@autocast_off
+def kernel_products(g_mu: Tensor, g_s: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel inner products ``<g_mu, W_j>`` and ``<g_s_j, W_j>`` for one or many iterations.
+
+    They let the window store no copy of past kernels: ``<g, W_t - W_tau> = <g, W_t> - <g, W_tau>``, and the
+    second term is a number per channel known at time tau.
+
+    Args:
+        g_mu (Tensor): (..., g, C_in/g, kh, kw).
+        g_s (Tensor): (..., C, C_in/g, kh, kw).
+        weight (Tensor): (C, C_in/g, kh, kw).
+
+    Returns:
+        tuple[Tensor, Tensor]: (..., C) and (..., C).
+    """
+    groups = g_mu.shape[-4]
+    c = weight.shape[0]
+    lead = g_mu.shape[:-4]
+    w = weight.to(g_s.dtype)
+    w_g = w.reshape(groups, c // groups, -1)  # (g, C/g, D)
+    p_mu = torch.einsum('...gd,gcd->...gc', g_mu.reshape(*lead, groups, -1), w_g).reshape(*lead, c)
+    p_s = channel_dots(g_s.reshape(*lead, c, -1), w.reshape(c, -1))
+    return p_mu, p_s
