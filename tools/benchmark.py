@@ -1,6 +1,12 @@
-"""Benchmarks of CBN: layer cost against its floor, model step time, cost against the window size, memory.
+"""Benchmarks of CBN: launches and host time, layer cost against its floor, model step time, cost against the
+window size, memory.
 
-    python tools/benchmark.py [--cases layer,window,model] [--reps 7] [--device cpu|cuda] [--out FILE]
+    python tools/benchmark.py [--cases launch,layer,window,model] [--reps 7] [--device cpu|cuda] [--out FILE]
+
+The ``launch`` case counts the non-view aten ops of one windowed forward+backward of conv -> norm (each is a kernel
+launch on a GPU, where a layer's time is set by its launches, not its FLOPs) with a ``TorchDispatchMode``, and times
+the same step at a tiny shape (2x8x8x8, one thread), where the arithmetic is near zero: the host time per
+layer-iteration. Both are the CPU stand-ins for the GPU's cost.
 
 Every case runs in this one process, with warm-up, the variants interleaved in each repetition (this machine is
 shared and noisy), and the median of the repetitions. CPU cases are timed in process CPU time, CUDA cases in wall
@@ -31,6 +37,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn as nn
 from torch.nn.grad import conv2d_weight
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -144,6 +151,92 @@ def paired(times, a, b, scale=None):
     return summary(vals)
 
 
+# ----------------------------------------------------------------------------- launch case
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, view ops excluded (they launch nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            name = func.overloadpacket.__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+LAUNCH_VARIANTS = ('BN', 'CBN k=4', 'CBN k=8', 'CBN k=4 authors bw', 'Naive CBN k=4', 'authors k=4')
+
+
+def launch_norm(variant, c):
+    if variant == 'BN':
+        return nn.BatchNorm2d(c)
+    if variant == 'authors k=4':
+        return AuthorsCBN(c, 4)
+    k = int(variant.split('k=')[1].split()[0])
+    options = dict(backward='authors') if 'authors bw' in variant else {}
+    if variant.startswith('Naive'):
+        options = dict(compensate=False)
+    return CrossIterationBatchNorm2d(c, window_size=k, **options)
+
+
+def count_launches(variant, shape=(2, 8, 8, 8), device='cpu'):
+    """Non-view aten ops of one forward+backward of conv -> norm with the window full, and their histogram."""
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+    norm = launch_norm(variant, c).to(device)
+    u = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+    step = conv_norm_step(conv, norm, u, grad)
+    for _ in range(9):  # windows full (k <= 8)
+        step()
+    counter = OpCounter()
+    with counter:
+        step()
+    return counter.total, dict(sorted(counter.counts.items(), key=lambda kv: -kv[1]))
+
+
+def run_launch(args, device):
+    shape = (2, 8, 8, 8)
+    out = dict(shape=list(shape), ops={}, histogram={})
+    for v in LAUNCH_VARIANTS:
+        out['ops'][v], out['histogram'][v] = count_launches(v, shape, device)
+    out['extra_ops_over_bn'] = {v: n - out['ops']['BN'] for v, n in out['ops'].items()}
+    # host time: each case is 20 steps, so a repetition is long enough for the clock
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
+    u = torch.randn(shape, device=device, requires_grad=True)
+    grad = torch.randn(shape, device=device)
+    cases = {}
+    for v in LAUNCH_VARIANTS:
+        step = conv_norm_step(conv, launch_norm(v, c).to(device), u, grad)
+
+        def many(step=step):
+            for _ in range(20):
+                step()
+
+        cases[v] = many
+    times = interleaved(cases, args.reps * 3, args.warmup + 1, device)
+    times = {k: [t / 20 for t in v] for k, v in times.items()}
+    out['host_time'] = {k: summary(v) for k, v in times.items()}
+    out['over_bn'] = {v: paired(times, v, 'BN') for v in LAUNCH_VARIANTS if v != 'BN'}
+    print(f'\n[launch] conv3x3 + norm at {shape}, forward+backward, window full: non-view aten ops, host time')
+    for v in LAUNCH_VARIANTS:
+        t = out['host_time'][v]
+        ratio = '' if v == 'BN' else (f"  x{out['over_bn'][v]['median']:.2f} BN  95% CI "
+                                      f"[{out['over_bn'][v]['ci95'][0]:.2f}, {out['over_bn'][v]['ci95'][1]:.2f}]")
+        print(f"  {v:<20}{out['ops'][v]:5d} ops ({out['extra_ops_over_bn'][v]:+d} over BN)  "
+              f"{1e6 * t['median']:8.0f} us{ratio}")
+    return out
+
+
 # ----------------------------------------------------------------------------- layer case
 def conv_norm_step(conv, norm, u, grad):
 
@@ -199,7 +292,7 @@ def history_bytes(shape, k=4, device='cpu'):
     u = torch.randn(shape, device=device)
     for _ in range(k):
         layer(conv(u)).sum().backward()
-    ours = sum(t.numel() * t.element_size() for t in layer._window.tensors.values() if t is not None)
+    ours = layer.window_nbytes
     kernel = conv.weight.numel() * 4
     authors = 3 * (k - 1) * kernel + 2 * (k - 1) * c * 4
     return dict(ours=ours, authors=authors, kernel=kernel, k=k)
@@ -326,11 +419,12 @@ def infer_fn(model, packed):
 
 def extra_weight_grads(model, packed, device):
     """The floor's extra cost: one conv weight-gradient per CBN layer, at the shapes of one real iteration."""
-    from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
+    from cbn_mmdet.models import CrossIterationBatchNorm2d as CBN
+    from cbn_mmdet.models import find_conv
     captured = []
 
     def hook(module, inputs, output):
-        spec, _ = CBN._find_conv(inputs[0])
+        spec, _ = find_conv(inputs[0])
         if spec is not None:
             captured.append((spec.input.detach().clone(), tuple(spec.weight.shape), inputs[0].detach().clone(),
                              spec.stride, spec.padding, spec.dilation, spec.groups))
@@ -437,7 +531,7 @@ def run_memory(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--cases', default='layer,window,model,memory')
+    parser.add_argument('--cases', default='launch,layer,window,model,memory')
     parser.add_argument('--reps', type=int, default=15, help='repetitions of the layer cases (median)')
     parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
     parser.add_argument('--warmup', type=int, default=3)
@@ -468,6 +562,8 @@ def main(argv=None):
     cases = args.cases.split(',')
     torch.set_num_threads(args.layer_threads)
     result['layer_threads'] = args.layer_threads
+    if 'launch' in cases:
+        result['launch'] = run_launch(args, device)
     if 'layer' in cases:
         result['layer'] = run_layer(args, device)
     if 'window' in cases:

@@ -248,8 +248,8 @@ def run(args) -> dict:
         check = dict(tolerance=tol, worst=worst, per_step=errors[name],
                      window_length=followers[name].cbn.window_length,
                      failed=[q for q in QUANTITIES if not worst[q] <= tol[q]])
-        window = followers[name].cbn._window
-        check['window_dtype'] = str(window.tensors['mu'].dtype) if window is not None else None
+        window = followers[name].cbn.window_at(0)
+        check['window_dtype'] = str(window.dtype) if window is not None else None
         if check['window_length'] != min(k - 1, args.iters):
             check['failed'].append(f"window_length {check['window_length']} != {min(k - 1, args.iters)}")
         if name == 'fp16':

@@ -28,6 +28,7 @@ Main process only; it costs one no-grad forward over ``num_images`` images per m
 import json
 import os.path as osp
 import random
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -41,6 +42,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..models import CrossIterationBatchNorm2d, in_backward
+from ..models.replay import same_batch
 from ..ops import batch_moments, relative_stat_errors, window_moments
 from .hooks import cbn_layers
 
@@ -178,7 +180,13 @@ class CBNStatsErrorHook(Hook):
             return
         mu_t, s_t = batch_moments(x.detach())
         replay = module.last_call if isinstance(module, CrossIterationBatchNorm2d) else None
-        if isinstance(module, CrossIterationBatchNorm2d) and replay is not None and torch.equal(replay.mu_t, mu_t):
+        if replay is not None and replay.stats is not None and not bool(same_batch(replay.mu_t, mu_t)):
+            # the layer's record is not of this input: freeze it to what it normalized with, but report nothing
+            frozen.append((replay.stats.mu_bar.clone(), replay.stats.var_bar.clone()))
+            warnings.warn(f"CBNStatsErrorHook: CBN layer '{module.module_path}': the statistics it normalized with "
+                          'are not of the batch the hook saw (same_batch failed); this measurement is left out',
+                          stacklevel=2)
+        elif replay is not None and replay.stats is not None:
             frozen.append((replay.stats.mu_bar.clone(), replay.stats.var_bar.clone()))
             entry = self._estimates.setdefault(module, {}).setdefault(module.call_position, {})
             # a device count on the layer (skipped iterations weigh 0); read here, at a measured step, not in the layer

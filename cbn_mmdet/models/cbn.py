@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import ConvSpec, batch_moments, cbn_normalize
 from ..ops._common import autocast_active
-from ..ops.fused import (E, all_finite, compensate_bank, fill_entry, history_terms, running_update,
+from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, history_terms, running_update,
                          store_entry, window_sums)
 from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
@@ -28,6 +28,15 @@ from .window import WindowBank, Workspace
 __all__ = ['CrossIterationBatchNorm2d', 'newest_entries']
 
 _NULL = contextlib.nullcontext()
+
+
+class _Last:
+    """The kernel and bias of the convolution whose iteration was pushed last, its groups, and the kernel's views."""
+
+    def __init__(self):
+        self.conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None
+        self.groups = 1
+        self.kernel_views: Optional[KernelViews] = None
 
 
 class CrossIterationBatchNorm2d(_BatchNorm):
@@ -175,8 +184,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._workspace: Optional[Workspace] = None
         self._calls = CallTracker()
         self._replays = ReplayBook()
-        self._conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None  # kernel and bias of the last push
-        self._conv_groups = 1
+        self._last = _Last()  # what the latest push saw (a plain object: nn.Module's __setattr__ costs host time)
         self._warned = False
         self._replay_mismatches: Optional[Tensor] = None  # CUDA: checkpoint replays that saw another input
         self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
@@ -292,7 +300,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @property
     def last_conv(self) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
         """The kernel and bias of the convolution whose iteration was pushed last (None before any push)."""
-        return self._conv_params
+        return self._last.conv_params
 
     # ------------------------------------------------------------------ state
     def get_window_state(self) -> dict:
@@ -363,6 +371,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._pack_running_stats()
         self._replays.clear()
         self._replay_mismatches = None
+        self._last.kernel_views = None
         return self
 
     def _pack_running_stats(self) -> Optional[Tensor]:
@@ -384,7 +393,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
         state = dict(state)
-        state['_conv_params'] = None  # a reference into another module; found again at the next forward
+        state['_last'] = _Last()  # references into another module; found again at the next forward
         state['_replays'] = ReplayBook()
         return state
 
@@ -425,7 +434,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return isinstance(k, int) and k > 1 and (self._calls.use_window or self._calls.collect)
 
     def _kernel_of(self, conv: Optional[ConvSpec]) -> Optional[Tensor]:
-        return conv.weight if conv is not None else (self._conv_params[0] if self._conv_params else None)
+        return conv.weight if conv is not None else (self._last.conv_params[0] if self._last.conv_params else None)
 
     def _workspace_for(self, conv_shape, groups: int, dtype: torch.dtype, device) -> Workspace:
         capacity = self._active_k() - 1
@@ -490,58 +499,70 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         with torch.no_grad(), precise:
             mu_t, s_t = batch_moments(x.detach())
             dtype, device = mu_t.dtype, mu_t.device
-            params = (conv.weight, conv.bias) if conv is not None else self._conv_params
-            groups = conv.groups if conv is not None else self._conv_groups
+            params = (conv.weight, conv.bias) if conv is not None else self._last.conv_params
+            groups = conv.groups if conv is not None else self._last.groups
             push = collect and conv is not None
             compensating = self.compensate and params is not None
             if use_window and self.compensate and params is None:
                 # a forward without graph, before any forward with one: nothing to compensate to
                 self._warn_once('it got an input without graph before it knew its convolution')
+            if not compensating:
+                groups = 1
             shape = tuple(params[0].shape) if compensating else None
             bank = self.window_at(position) if use_window and (compensating or not self.compensate) else None
             if bank is not None and not bank.matches(self._active_k() - 1, self.num_features, dtype, device, shape,
-                                                      groups if compensating else 1):
+                                                      groups):
                 if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate
                     self._set_bank(position, None)
                 bank = None
-            ws = self._workspace_for(shape, groups if compensating else 1, dtype, device)
+            ws = self._workspace_for(shape, groups, dtype, device)
             ws.set_count(x.numel() // x.shape[1])
+            sv = ws.views
+            kv = self._kernel_views(params[0], dtype, groups) if compensating else None
             with_gp = push and compensating
-            fill_entry(ws.entry, ws.gp_entry if with_gp else None, conv, x, mu_t, s_t, self.stat_grad_subsample)
+            fill_entry(sv, kv if with_gp else None, conv, x, mu_t, s_t, self.stat_grad_subsample)
             if bank is not None:
-                stats = self._window_statistics(ws, bank, params, groups, mu_t, with_gp)
+                stats = self._window_statistics(ws, bank, kv, params, mu_t, with_gp)
                 ok = stats.ok
             else:  # burn-in's collecting iterations, or a window not started yet: BatchNorm (stats None)
                 stats = None
-                ok = all_finite(ws.fresh(with_gp, False)) if push else None
+                ok = all_finite(sv.fresh[with_gp, False]) if push else None
         y = self.normalize(x, stats, conv) if bank is not None else self._bn_forward(x)
         if push:
             with torch.no_grad(), precise:
                 bank = self._bank_for(position, conv, dtype, device)
-                store_entry(*bank.slot(), ws.entry, ws.gp_entry if bank.compensating else None, ok, ws.zero)
+                store_entry(bank.views, bank.next, sv, ok, ws.zero)
                 bank.advance()
-            self._conv_params = (conv.weight, conv.bias)
-            self._conv_groups = conv.groups
+            self._last.conv_params = (conv.weight, conv.bias)
+            self._last.groups = conv.groups
         return y, stats, mu_t, push
 
-    def _window_statistics(self, ws: Workspace, bank: WindowBank, params, groups: int, mu_t: Tensor,
+    def _kernel_views(self, kernel: Tensor, dtype: torch.dtype, groups: int) -> KernelViews:
+        kv = self._last.kernel_views
+        if kv is None or not kv.valid_for(kernel, dtype):
+            kv = self._last.kernel_views = KernelViews(kernel, dtype, groups)
+        return kv
+
+    def _window_statistics(self, ws: Workspace, bank: WindowBank, kv: Optional[KernelViews], params, mu_t: Tensor,
                            with_gp: bool) -> WindowStats:
         """Eq. 7-11 over the bank, the running statistics' update, and the exact backward's history terms."""
         kernel, conv_bias = params if bank.compensating else (None, None)
-        exact = bank.compensating and self.backward == 'exact' and any(
-            p is not None and p.requires_grad for p in (kernel, conv_bias))
-        c = self.num_features
-        delta = compensate_bank(bank.stats, bank.gp, kernel, conv_bias, groups, mu_t,
-                                ws.hbuf[:, :c] if exact else None)
-        window_sums(bank.stats, ws.entry, ws.sums, mu_t)
+        exact = bank.compensating and self.backward == 'exact' and (
+            kernel.requires_grad or (conv_bias is not None and conv_bias.requires_grad))
+        sv, bv = ws.views, bank.views
+        delta = compensate_bank(bv, kv if bank.compensating else None, conv_bias, mu_t, sv.inside if exact else None)
+        window_sums(bv, sv, mu_t)
         # one decision for everything this forward computed (its entry, kernel gradients and sums included)
-        ok = all_finite(ws.fresh(with_gp, True))
-        chosen = torch.where(ok, ws.sums, ws.entry[E:])  # (mu, var, n, m_total), or the batch's own
-        hist = None
-        if exact:
-            hist = history_terms(bank.stats, bank.gp, ws.hbuf, delta, ws.sums[0], ws.sums[2, 0], groups,
-                                 conv_bias is not None)
-        self._update_running_stats(ws.sums, ok)
+        ok = all_finite(sv.fresh[with_gp, True])
+        chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, m_total), or the batch's own
+        hist = history_terms(bv, sv, delta, conv_bias is not None) if exact else None
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(ok)  # a fallback iteration is not counted
+            if self.momentum is None:  # cumulative average, on the device
+                factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mu_t.dtype)
+            else:
+                factor = self.momentum
+            running_update(self._pack_running_stats(), sv, ok, factor)
         return WindowStats(chosen[0], chosen[1], chosen[2, 0], hist, ok)
 
     def _bn_forward(self, x: Tensor, replay: bool = False) -> Tensor:
@@ -565,16 +586,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 new = torch.stack([mu, s * (m / max(m - 1, 1))]).to(pair.dtype)
                 pair.lerp_(new, 1.0 / self.num_batches_tracked.to(pair.dtype))
         return y
-
-    def _update_running_stats(self, sums: Tensor, ok: Tensor) -> None:
-        if not self.track_running_stats:
-            return
-        self.num_batches_tracked.add_(ok)  # a fallback iteration is not counted
-        if self.momentum is None:  # cumulative average, on the device
-            factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(sums.dtype)
-        else:
-            factor = self.momentum
-        running_update(self._pack_running_stats(), sums, ok, factor)
 
     def normalize(self, x: Tensor, stats: WindowStats, conv: Optional[ConvSpec]) -> Tensor:
         """Normalize ``x`` with ``stats`` (Eq. 12, 4); the exact backward reaches ``conv``'s kernel. An extension
@@ -665,13 +676,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         groups = conv.groups if self.compensate else 1
         ws = self._workspace_for(shape, groups, dtype, device)
         ws.set_count(x.numel() // x.shape[1])
-        fill_entry(ws.entry, ws.gp_entry if self.compensate else None, conv, x, mu_t, s_t, self.stat_grad_subsample)
-        ok = all_finite(ws.fresh(self.compensate, False))
+        kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
+        fill_entry(ws.views, kv, conv, x, mu_t, s_t, self.stat_grad_subsample)
+        ok = all_finite(ws.views.fresh[self.compensate, False])
         bank = self._bank_for(position, conv, dtype, device)
-        store_entry(*bank.slot(), ws.entry, ws.gp_entry, ok, ws.zero)
+        store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
         bank.advance()
-        self._conv_params = (conv.weight, conv.bias)
-        self._conv_groups = conv.groups
+        self._last.conv_params = (conv.weight, conv.bias)
+        self._last.groups = conv.groups
 
 
 def newest_entries(state: dict, old_capacity: int, new_capacity: int) -> dict:

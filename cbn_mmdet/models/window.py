@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..ops.fused import FIELDS, MU, ONE, A, M, R, S
+from ..ops.fused import FIELDS, MU, ONE, A, M, R, S, BankViews, ScratchViews
 
 __all__ = ['WindowBank', 'Workspace', 'STATE_KEYS']
 
@@ -41,37 +41,21 @@ class Workspace:
         self.hbuf = torch.zeros(capacity, 2 * c + 1, dtype=dtype, device=device)
         self.hbuf[:, 2 * c] = 1
         self.zero = torch.zeros((), dtype=dtype, device=device)
-        self._shape = (c, rows, d)
-        self._views()
-        self.entry[ONE] = 1
+        self._shape = (c, groups, d)
+        self.views = ScratchViews(self.work, self.hbuf, c, groups, d)
+        self.views.entry[ONE] = 1
         self._m: Optional[int] = None
-
-    def _views(self) -> None:
-        c, rows, d = self._shape
-        g = rows * d
-        self.gp_entry = self.work[:g].view(rows, d) if rows else None
-        self.entry = self.work[g:g + FIELDS * c].view(FIELDS, c)
-        self.sums = self.work[g + FIELDS * c:].view(4, c)
-
-    def fresh(self, gp: bool, sums: bool) -> Tensor:
-        """The part of ``work`` this forward wrote: the entry's moments (and, when pushing with compensation, its
-        kernel gradients and intercepts; when windowed, the sums). One finiteness check covers it; what an earlier
-        forward left in the rest is not looked at."""
-        c, rows, d = self._shape
-        g = rows * d
-        start = 0 if gp else g + S * c
-        return self.work[start:g + FIELDS * c + (4 * c if sums else 0)]
 
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
         if m != self._m:
-            self.entry[M] = m
+            self.views.entry[M] = m
             self._m = m
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero = (_move(t, fn) for t in (self.work, self.hbuf, self.zero))
         self.key = self.key[:5] + (self.work.device, )
-        self._views()
+        self.views = ScratchViews(self.work, self.hbuf, *self._shape)
 
 
 class WindowBank:
@@ -93,6 +77,7 @@ class WindowBank:
         if self.kernel_shape is not None:
             d = math.prod(self.kernel_shape[1:])
             self.gp = torch.zeros(channels + groups, capacity, d, dtype=dtype, device=device)
+        self.views = BankViews(self.stats, self.gp, groups)
         self.count = 0
         self.next = 0
 
@@ -115,10 +100,6 @@ class WindowBank:
                 and self.device == torch.device(device) and self.kernel_shape == (
                     None if kernel_shape is None else tuple(kernel_shape)) and self.groups == groups)
 
-    def slot(self) -> Tuple[Tensor, Optional[Tensor]]:
-        """The views the next push writes: (F, C) of ``stats`` and (C + g, D) of ``gp``."""
-        return self.stats[self.next], None if self.gp is None else self.gp[:, self.next]
-
     def advance(self) -> None:
         self.next = (self.next + 1) % self.capacity
         self.count = min(self.count + 1, self.capacity)
@@ -132,6 +113,7 @@ class WindowBank:
         self.stats = _move(self.stats, fn)
         if self.gp is not None:
             self.gp = _move(self.gp, fn)
+        self.views = BankViews(self.stats, self.gp, self.groups)
 
     # ------------------------------------------------------------------ the stored iterations, as named tensors
     def tensors(self, rows: Optional[int] = None) -> Dict[str, Tensor]:

@@ -12,11 +12,11 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.nn.grad import conv2d_weight
 
 from ._common import autocast_off
 
-__all__ = ['ConvSpec', 'StatGrads', 'subsample_plan', 'conv_stat_grads', 'channel_dots', 'kernel_products']
+__all__ = ['ConvSpec', 'StatGrads', 'subsample_plan', 'weight_grad', 'conv_stat_grads', 'channel_dots',
+           'kernel_products']
 
 
 class ConvSpec(NamedTuple):
@@ -53,6 +53,14 @@ def subsample_plan(n: int, h: int, ratio: int) -> Tuple[str, int]:
     if h >= 2 * ratio:
         return 'rows', ratio
     return 'all', 1
+
+
+def weight_grad(u: Tensor, kernel: Tensor, grad_out: Tensor, stride, padding, dilation, groups: int) -> Tensor:
+    """A convolution's weight-gradient: ``torch.nn.grad.conv2d_weight``'s aten op, called directly. That wrapper
+    allocates a dummy weight and normalizes its arguments in Python (about 20 us of host time per call, as much as
+    the op itself at small shapes); ``kernel`` supplies the shape, dtype and device, its values are not read."""
+    return torch.ops.aten.convolution_backward(grad_out, u, kernel, None, stride, padding, dilation, False, [0],
+                                               groups, (False, True, False))[1]
 
 
 @functools.lru_cache(maxsize=512)
@@ -139,8 +147,8 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
     shape = conv.weight.shape
     if out is None:
         out = mu.new_empty(c + groups, shape[1] * shape[2] * shape[3])
-    g_s_out, g_mu_out = out[:c].view(shape), out[c:].view(groups, *shape[1:])
-    u = conv.input.to(dtype)
+    g_s_out, g_mu_out = out[:c], out[c:].view(groups, *shape[1:])
+    u = conv.input if conv.input.dtype == dtype else conv.input.to(dtype)
     # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
     by_col = _column_sums(u, conv, w, conv.stride[1])
     g_mu = _mean_patch(by_col, conv, h, conv.stride[0], n * h * w, out=g_mu_out)  # -> (g, C_in/g, kh, kw)
@@ -164,16 +172,22 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
     # touches only this first-order term: s itself comes from batch_moments, centred.
     if centre_first is None:
         centre_first = x.is_cuda and torch.backends.cudnn.allow_tf32
-    grad_out = x.to(dtype) - mu.view(1, c, 1, 1) if centre_first else x.to(dtype)
+    grad_out = x if x.dtype == dtype else x.to(dtype)
+    if centre_first:
+        grad_out = grad_out - mu.view(1, c, 1, 1)
+    kernel = conv.weight if conv.weight.dtype == dtype else conv.weight.to(dtype)
     # a channels_last input gives a channels_last weight-gradient: made contiguous (a no-op otherwise) for the view
-    g_s = conv2d_weight(u, shape, grad_out, stride, conv.padding, conv.dilation, groups).contiguous()
+    g_s = weight_grad(u, kernel.detach(), grad_out, stride, conv.padding, conv.dilation, groups).contiguous()
     if centre_first:  # (2/m) sum_i (x_i - mu) patch_i directly
-        torch.mul(g_s, 2.0 / m, out=g_s_out)
-        return StatGrads(g_mu, g_s_out)
+        torch.mul(g_s.view(c, -1), 2.0 / m, out=g_s_out)
+        return StatGrads(g_mu, g_s_out.view(shape))
     # g_s = (2/m) g_s - 2 mu_j patch, one fused pass: a rank-1 update per group (C/g, 1) x (1, C_in/g * K)
-    torch.baddbmm(g_s.view(groups, c // groups, -1), mu.view(groups, c // groups, 1), patch.view(groups, 1, -1),
-                  beta=2.0 / m, alpha=-2.0, out=g_s_out.view(groups, c // groups, -1))
-    return StatGrads(g_mu, g_s_out)
+    if groups == 1:
+        torch.addmm(g_s.view(c, -1), mu.view(c, 1), patch.view(1, -1), beta=2.0 / m, alpha=-2.0, out=g_s_out)
+    else:
+        torch.baddbmm(g_s.view(groups, c // groups, -1), mu.view(groups, c // groups, 1),
+                      patch.view(groups, 1, -1), beta=2.0 / m, alpha=-2.0, out=g_s_out.view(groups, c // groups, -1))
+    return StatGrads(g_mu, g_s_out.view(shape))
 
 
 def channel_dots(a: Tensor, b: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ With the current iteration as an extra row of weight 1 (``E = mu_t``, ``Q = s_t`
 matrix product gives ``sum w mu_c``, ``sum w Q``, ``n = sum w`` and the count ``sum w m``; the window's variance is
 then the shifted two-pass form ``sum w Q / n - (mu_bar - mu_t)^2``, which does not cancel when ``|mu| >> sigma``.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -35,90 +35,155 @@ from torch import Tensor
 from .conv_grads import ConvSpec, conv_stat_grads
 from .normalize import HistoryGrad
 
-__all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'fill_entry', 'compensate_bank', 'window_sums',
-           'all_finite', 'history_terms', 'store_entry', 'running_update']
+__all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
+           'fill_entry', 'compensate_bank', 'window_sums', 'all_finite', 'history_terms', 'store_entry',
+           'running_update']
 
 A, R, S, MU, E, Q, ONE, M = range(8)
 FIELDS = 8
 
 
-def fill_entry(entry: Tensor, gp_entry: Optional[Tensor], conv: Optional[ConvSpec], x: Tensor, mu_t: Tensor,
-               s_t: Tensor, subsample: int = 1) -> None:
-    """Write the current iteration into the bank's entry: its moments, and with ``gp_entry`` (compensation) its
-    kernel gradients (Appendix B, the floor's one weight-gradient) and intercepts ``A``, ``R``.
+class BankViews:
+    """The views of a bank's ``stats`` (T, F, C) and ``gp`` (C + g, T, D) that the ops below use, made once: on the
+    host a view costs about as much as launching a small kernel."""
 
-    ``entry``'s ``ONE`` and ``M`` rows are set by the bank when the input's shape changes, not here.
+    def __init__(self, stats: Tensor, gp: Optional[Tensor], groups: int):
+        t, _, c = stats.shape
+        self.stats, self.gp, self.groups = stats, gp, groups
+        self.a, self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (A, R, S, MU, E, Q))
+        self.weights = stats[:, ONE, :1].t()  # (1, T)
+        self.w_col = stats[:, ONE, :1]  # (T, 1)
+        self.tail = stats[:, E:].reshape(t, -1)  # (T, 4C): E, Q, ONE, M
+        self.r_col = self.r.t().unsqueeze(-1)  # (C, T, 1)
+        if groups > 1:
+            self.a_g = self.a.view(t, groups, c // groups).transpose(0, 1)  # (g, T, C/g)
+            self.e_g = self.e.view(t, groups, c // groups)
+        self.g_rows = gp[:c] if gp is not None else None  # (C, T, D)
+        self.p_rows = gp[c:] if gp is not None else None  # (g, T, D)
+        self.slots = [(stats[i], None if gp is None else gp[:, i]) for i in range(t)]
+
+
+class ScratchViews:
+    """Views of a layer's scratch ``work = [gp entry (C + g, D) | entry (F, C) | sums (4, C)]`` and of ``hbuf``
+    (T, 2C + 1), made once."""
+
+    def __init__(self, work: Tensor, hbuf: Tensor, channels: int, groups: int, d: int):
+        c = channels
+        rows = (c + groups) if d else 0
+        g = rows * d
+        self.work, self.hbuf = work, hbuf
+        self.gp_entry = work[:g].view(rows, d) if rows else None
+        self.entry = work[g:g + FIELDS * c].view(FIELDS, c)
+        self.sums = work[g + FIELDS * c:].view(4, c)
+        self.entry_a = self.entry[A:A + 1]  # (1, C)
+        self.entry_a_g = self.entry[A].view(groups, 1, c // groups)
+        self.entry_r3 = self.entry[R].view(c, 1, 1)
+        self.entry_moments = self.entry[S:Q + 1]  # S, MU, E, Q
+        self.fallback = self.entry[E:]  # (mu_t, s_t, 1, m): the batch's own, as the sums' rows
+        self.entry_tail = self.entry[E:].reshape(1, -1)
+        self.sums_row = self.sums.view(1, -1)
+        self.sums_moments = self.sums[:2]
+        self.sums_n = self.sums[2, :1]
+        self.mu_bar, self.var_bar, self.n, self.m_total = self.sums[0], self.sums[1], self.sums[2, 0], self.sums[3]
+        self.inside = hbuf[:, :c]
+        self.dev = hbuf[:, c:2 * c]
+        if rows:
+            self.g_entry3 = self.gp_entry[:c].view(c, 1, d)
+            self.p_entry = self.gp_entry[c:]
+            self.p_entry3 = self.p_entry.view(groups, 1, d)
+        s_start = g + S * c
+        end = g + FIELDS * c
+        # the part of work a forward wrote, for its one finiteness check: (kernel gradients?, sums?) -> view
+        self.fresh = {(True, True): work, (True, False): work[:end], (False, True): work[s_start:],
+                      (False, False): work[s_start:end]}
+
+
+class KernelViews:
+    """The current kernel (C, C_in/g, kh, kw), detached and in the statistics dtype, as the products use it."""
+
+    def __init__(self, kernel: Tensor, dtype: torch.dtype, groups: int):
+        w = kernel.detach()
+        w = w if w.dtype == dtype else w.to(dtype)
+        c = w.shape[0]
+        self.source, self.version = kernel, kernel._version
+        self.w = w.reshape(c, -1)  # (C, D)
+        d = self.w.shape[1]
+        self.wt = self.w.t()  # (D, C)
+        self.w3 = self.w.view(c, d, 1)
+        if groups > 1:
+            self.wg_t = self.w.view(groups, c // groups, d).transpose(1, 2)  # (g, D, C/g)
+
+    def valid_for(self, kernel: Tensor, dtype: torch.dtype) -> bool:
+        """Still the views of ``kernel`` (an optimizer's in-place step keeps them valid; a cast does not)."""
+        if self.source is not kernel or self.w.dtype != dtype:
+            return False
+        if kernel.dtype == dtype:  # views of the kernel's own storage
+            return self.w.data_ptr() == kernel.data_ptr()
+        return self.version == kernel._version  # a converted copy: valid until the kernel changes
+
+
+def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvSpec], x: Tensor, mu_t: Tensor,
+               s_t: Tensor, subsample: int = 1) -> None:
+    """Write the current iteration into the scratch entry: its moments, and with ``kv`` (a push with compensation)
+    its kernel gradients (Appendix B: the floor's one weight-gradient) and intercepts ``A``, ``R``.
+
+    The entry's ``ONE`` and ``M`` rows are set when the input's shape changes, not here.
     """
-    if gp_entry is not None:
-        c = mu_t.shape[0]
+    if kv is not None:
         groups = conv.groups
-        conv_stat_grads(conv, x, mu_t, subsample, out=gp_entry)
-        kernel = conv.weight.detach().to(mu_t.dtype).reshape(c, -1)  # (C, D)
-        d = kernel.shape[1]
-        patch = gp_entry[c:]  # (g, D)
+        conv_stat_grads(conv, x, mu_t, subsample, out=sv.gp_entry)
         base = mu_t if conv.bias is None else mu_t - conv.bias.detach().to(mu_t.dtype)
         if groups == 1:  # A = mu - <P, W> - b                                                (Eq. 7 at tau)
-            torch.addmm(base.view(1, c), patch, kernel.t(), alpha=-1, out=entry[A:A + 1])
+            torch.addmm(base.view(1, -1), sv.p_entry, kv.wt, alpha=-1, out=sv.entry_a)
         else:
-            torch.baddbmm(base.view(groups, 1, c // groups), patch.view(groups, 1, d),
-                          kernel.view(groups, c // groups, d).transpose(1, 2), alpha=-1,
-                          out=entry[A].view(groups, 1, c // groups))
+            torch.baddbmm(base.view(groups, 1, -1), sv.p_entry3, kv.wg_t, alpha=-1, out=sv.entry_a_g)
         # R = s - <G_j, W_j>: C dot products in one batched product                              (Eq. 8 at tau)
-        torch.baddbmm(s_t.view(c, 1, 1), gp_entry[:c].view(c, 1, d), kernel.view(c, d, 1), alpha=-1,
-                      out=entry[R].view(c, 1, 1))
-    torch.stack([s_t, mu_t, mu_t, s_t], out=entry[S:Q + 1])
+        torch.baddbmm(s_t.view(-1, 1, 1), sv.g_entry3, kv.w3, alpha=-1, out=sv.entry_r3)
+    torch.stack([s_t, mu_t, mu_t, s_t], out=sv.entry_moments)
 
 
-def compensate_bank(stats: Tensor, gp: Optional[Tensor], kernel: Optional[Tensor], conv_bias: Optional[Tensor],
-                    groups: int, mu_t: Tensor, inside: Optional[Tensor] = None) -> Optional[Tensor]:
+def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optional[Tensor], mu_t: Tensor,
+                    inside: Optional[Tensor] = None) -> Optional[Tensor]:
     """Move every stored iteration to the current kernel (Eq. 7-8, 10) and fill the scratch fields ``E``, ``Q``.
 
-    Without ``gp`` (Naive CBN) nothing is moved. With it, ``E = A + <P, W_t> + b_t = mu_tau(theta_t)`` and
+    Without ``kv`` (Naive CBN) nothing is moved. With it, ``E = A + <P, W_t> + b_t = mu_tau(theta_t)`` and
     ``s_tau(theta_t) = max(R + <G, W_t> - dmu^2, 0)`` with ``dmu = E - mu_tau``. ``inside`` (T, C), if given, gets
     Eq. 10's clamp mask as 0/1 (the exact backward's).
 
     Returns:
         Tensor | None: ``dmu`` (T, C), or None for Naive CBN.
     """
-    t, _, c = stats.shape
-    mu_c = stats[:, E]
-    if gp is None:
+    mu_c = bv.e
+    if kv is None:
         dev = mu_c - mu_t
-        torch.addcmul(stats[:, S], dev, dev, out=stats[:, Q])
+        torch.addcmul(bv.s, dev, dev, out=bv.q)
         return None
-    w = kernel.detach().to(stats.dtype).reshape(c, -1)  # (C, D)
-    d = w.shape[1]
-    patch = gp[c:]  # (g, T, D)
-    if groups == 1:  # <P_tau, W_t> for every tau and channel, plus A                         (Eq. 7)
-        torch.addmm(stats[:, A], patch[0], w.t(), out=mu_c)
+    if bv.groups == 1:  # <P_tau, W_t> for every tau and channel, plus A                      (Eq. 7)
+        torch.addmm(bv.a, bv.p_rows[0], kv.wt, out=mu_c)
     else:
-        moved = torch.baddbmm(stats[:, A].view(t, groups, c // groups).transpose(0, 1), patch,
-                              w.view(groups, c // groups, d).transpose(1, 2))  # (g, T, C/g)
-        mu_c.view(t, groups, c // groups).copy_(moved.transpose(0, 1))
+        bv.e_g.copy_(torch.baddbmm(bv.a_g, bv.p_rows, kv.wg_t).transpose(0, 1))
     if conv_bias is not None:
-        mu_c.add_(conv_bias.detach().to(stats.dtype))
+        mu_c.add_(conv_bias.detach().to(mu_c.dtype))
     # R + <G_tau,j, W_t,j>: one batched product over the channels                             (Eq. 8)
-    s_c = torch.baddbmm(stats[:, R].t().unsqueeze(-1), gp[:c], w.view(c, d, 1)).view(c, t).t()
-    delta = mu_c - stats[:, MU]
+    s_c = torch.baddbmm(bv.r_col, bv.g_rows, kv.w3).squeeze(-1).t()
+    delta = mu_c - bv.mu
     s_c = torch.addcmul(s_c, delta, delta, value=-1)  # nu_tau(t) - mu_tau(t)^2
     if inside is not None:
         torch.gt(s_c, 0, out=inside)
     dev = mu_c - mu_t
-    torch.addcmul(s_c.clamp_(min=0), dev, dev, out=stats[:, Q])  # Eq. 10's clamp, then the shifted spread
+    torch.addcmul(s_c.clamp_(min=0), dev, dev, out=bv.q)  # Eq. 10's clamp, then the shifted spread
     return delta
 
 
-def window_sums(stats: Tensor, entry: Tensor, sums: Tensor, mu_t: Tensor) -> None:
+def window_sums(bv: BankViews, sv: ScratchViews, mu_t: Tensor) -> None:
     """The window's weighted sums, the current iteration included, and from them its statistics (Eq. 9-11).
 
     Fills ``sums`` (4, C) with ``[mu_bar, var_bar, n, m_total]`` (``n`` and ``m_total`` constant over C).
     """
-    t = stats.shape[0]
-    weights = stats[:, ONE, :1].t()  # (1, T)
-    torch.addmm(entry[E:].reshape(1, -1), weights, stats[:, E:].reshape(t, -1), out=sums.view(1, -1))
-    sums[:2].div_(sums[2, :1])  # mu_bar, and sum w Q / n                                        (Eq. 9)
-    shift = sums[0] - mu_t
-    sums[1].addcmul_(shift, shift, value=-1)  # var_bar = nu_bar - mu_bar^2, centred             (Eq. 10-11)
+    torch.addmm(sv.entry_tail, bv.weights, bv.tail, out=sv.sums_row)
+    sv.sums_moments.div_(sv.sums_n)  # mu_bar, and sum w Q / n                                  (Eq. 9)
+    shift = sv.mu_bar - mu_t
+    sv.var_bar.addcmul_(shift, shift, value=-1)  # var_bar = nu_bar - mu_bar^2, centred         (Eq. 10-11)
 
 
 def all_finite(t: Tensor) -> Tensor:
@@ -127,46 +192,47 @@ def all_finite(t: Tensor) -> Tensor:
     return t.mul(0).sum().eq(0)
 
 
-def history_terms(stats: Tensor, gp: Tensor, hbuf: Tensor, delta: Tensor, mu_bar: Tensor, n: Tensor, groups: int,
-                  has_bias: bool) -> HistoryGrad:
-    """The exact backward's terms (:func:`cbn_mmdet.ops.compensation.history_grad`) from the bank, in five ops.
+def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool) -> HistoryGrad:
+    """The exact backward's terms (:func:`cbn_mmdet.ops.compensation.history_grad`) from the bank, ``n`` times
+    them (as :class:`HistoryGrad` is passed to the normalize op), in five ops.
 
-    With ``w_n = w / n``, ``[inside]`` Eq. 10's clamp mask (written into ``hbuf[:, :C]`` by :func:`compensate_bank`)
-    and ``u = mu_c - [inside] dmu - mu_bar``:
-    ``mean_patch = sum w_n P``, ``var_kernel = 2 sum w_n u P + sum w_n [inside] G``, ``mean_bias = sum w_n``,
-    ``var_bias = 2 sum w_n u``. ``hbuf`` is (T, 2C + 1) with its last column 1, so that one product by ``w_n`` gives
-    all three coefficient blocks and one matrix product both patch sums.
+    With ``[inside]`` Eq. 10's clamp mask (written into ``hbuf[:, :C]`` by :func:`compensate_bank`) and
+    ``u = mu_c - [inside] dmu - mu_bar``: ``mean_patch = sum w P``, ``var_kernel = 2 sum w u P + sum w [inside] G``,
+    ``mean_bias = sum w``, ``var_bias = 2 sum w u``. ``hbuf`` is (T, 2C + 1) with its last column 1, so that one
+    product by ``w`` gives all three coefficient blocks and one matrix product both patch sums.
     """
-    t, _, c = stats.shape
-    base = torch.addcmul(stats[:, E], hbuf[:, :c], delta, value=-1)  # mu_tau(t) - [inside] dmu
-    torch.sub(base, mu_bar, out=hbuf[:, c:2 * c])
-    coef = hbuf * (stats[:, ONE, :1] / n)  # (T, 2C + 1): w_n [inside] | w_n u | w_n
-    patch = gp[c:]  # (g, T, D)
+    t, c = bv.e.shape
+    groups = bv.groups
+    base = torch.addcmul(bv.e, sv.inside, delta, value=-1)  # mu_tau(t) - [inside] dmu
+    torch.sub(base, sv.mu_bar, out=sv.dev)
+    coef = sv.hbuf * bv.w_col  # (T, 2C + 1): w [inside] | w u | w
+    patch = bv.p_rows  # (g, T, D)
     d = patch.shape[2]
     if groups == 1:
-        sums = torch.mm(coef[:, c:].t(), patch[0])  # (C + 1, D): sum w_n u P, and sum w_n P
+        sums = torch.mm(coef[:, c:].t(), patch[0])  # (C + 1, D): sum w u P, and sum w P
         part, mean_patch = sums[:c], sums[c:]
     else:
         part = torch.bmm(coef[:, c:2 * c].t().reshape(groups, c // groups, t), patch)  # (g, C/g, D)
         mean_patch = torch.bmm(coef[:, 2 * c:].t().expand(groups, 1, t), patch).view(groups, d)
-    var_kernel = torch.baddbmm(part.reshape(c, 1, d), coef[:, :c].t().unsqueeze(1), gp[:c], beta=2).view(c, d)
+    var_kernel = torch.baddbmm(part.reshape(c, 1, d), coef[:, :c].t().unsqueeze(1), bv.g_rows, beta=2).view(c, d)
     if not has_bias:
         return HistoryGrad(mean_patch, var_kernel, None, None)
     bias_sums = coef[:, c:].sum(0)
     return HistoryGrad(mean_patch, var_kernel, bias_sums[c], bias_sums[:c] * 2)
 
 
-def store_entry(stats_slot: Tensor, gp_slot: Optional[Tensor], entry: Tensor, gp_entry: Optional[Tensor], ok: Tensor,
-                zero: Tensor) -> None:
+def store_entry(bv: BankViews, slot: int, sv: ScratchViews, ok: Tensor, zero: Tensor) -> None:
     """Write the entry into a bank slot; where ``ok`` is False (decided on the device), zeros: weight 0, no NaN."""
-    torch.where(ok, entry, zero, out=stats_slot)
+    stats_slot, gp_slot = bv.slots[slot]
+    torch.where(ok, sv.entry, zero, out=stats_slot)
     if gp_slot is not None:
-        torch.where(ok, gp_entry, zero, out=gp_slot)
+        torch.where(ok, sv.gp_entry, zero, out=gp_slot)
 
 
-def running_update(pair: Tensor, sums: Tensor, ok: Tensor, factor) -> None:
+def running_update(pair: Tensor, sv: ScratchViews, ok: Tensor, factor) -> None:
     """The running statistics' EMA step (BN's, with the window's statistics), where ``ok``; two ops on the packed
-    ``pair`` (2, C) of running mean and variance. ``sums`` comes from :func:`window_sums`; its variance row becomes
+    ``pair`` (2, C) of running mean and variance. The sums come from :func:`window_sums`; their variance row becomes
     the unbiased one, ``var_bar * M / (M - 1)`` with ``M`` the number of values averaged."""
-    sums[1].addcdiv_(sums[1], sums[3] - 1)  # var * (1 + 1/(M - 1))
-    pair.lerp_(torch.where(ok, sums[:2], pair).to(pair.dtype), factor)
+    sv.var_bar.addcdiv_(sv.var_bar, sv.m_total - 1)  # var * (1 + 1/(M - 1))
+    new = torch.where(ok, sv.sums_moments, pair)
+    pair.lerp_(new if new.dtype == pair.dtype else new.to(pair.dtype), factor)

@@ -26,7 +26,8 @@ def batch_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     Returns:
         tuple[Tensor, Tensor]: ``mu`` (C,) and ``s = mean((x - mu)^2)`` (C,), in fp32 (fp64 for fp64 input).
     """
-    x = x.to(stat_dtype(x.dtype))
+    dtype = stat_dtype(x.dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
     # torch's BN statistics kernel (stable, and faster than var_mean); None: no running statistics touched
     mu, s = torch.batch_norm_update_stats(x, None, None, 0.0)  # (N, C, H, W) -> (C,), (C,)
     return mu, s

@@ -13,12 +13,18 @@ class HistoryGrad(NamedTuple):
 
     With ``a = dL/dmu_bar`` and ``c = dL/dvar_bar`` (per channel, known only in the backward), the kernel's gradient
     through the compensated history is ``a_j * mean_patch[g(j)] + c_j * var_kernel[j]``, and the conv bias's
-    ``a_j * mean_bias + c_j * var_bias[j]`` (see :func:`cbn_mmdet.ops.compensation.history_grad`).
+    ``a_j * mean_bias + c_j * var_bias[j]`` (see :func:`cbn_mmdet.ops.compensation.history_grad`). The normalize
+    op takes these terms summed with the weights ``w`` rather than ``w/n`` (``n`` times them): its backward divides
+    by ``n`` through the ``gamma/n`` it already has.
     """
     mean_patch: Tensor  # (g, C_in/g * kh * kw): sum_tau (w_tau/n) P_tau
     var_kernel: Tensor  # (C, C_in/g * kh * kw)
     mean_bias: Optional[Tensor]  # (): sum_tau w_tau / n; None when the conv has no bias
     var_bias: Optional[Tensor]  # (C,); None when the conv has no bias
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class _CBNNormalize(torch.autograd.Function):
@@ -42,8 +48,9 @@ class _CBNNormalize(torch.autograd.Function):
     def forward(ctx, x, weight, bias, kernel, conv_bias, mu_bar, var_bar, n_iters, eps, hist, ok, zero):
         # fp16/bf16 x with fp32 gamma, beta and statistics is a supported mixed-precision BN call
         dtype = mu_bar.dtype
-        y = torch.batch_norm(x, None if weight is None else weight.to(dtype), None if bias is None else bias.to(dtype),
-                             mu_bar, var_bar, False, 0.0, eps, torch.backends.cudnn.enabled)
+        gamma = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+        beta = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        y = torch.batch_norm(x, gamma, beta, mu_bar, var_bar, False, 0.0, eps, torch.backends.cudnn.enabled)
         n_t = n_iters if isinstance(n_iters, Tensor) else None
         hist = tuple(hist) if hist is not None else ()
         ctx.hist_present = tuple(h is not None for h in hist)
@@ -65,7 +72,7 @@ class _CBNNormalize(torch.autograd.Function):
         invstd = torch.rsqrt(var_bar + ctx.eps)
         c = x.shape[1]
         if weight is not None:
-            gamma = weight.to(invstd.dtype)
+            gamma = weight if weight.dtype == invstd.dtype else weight.to(invstd.dtype)
             w_eff = gamma / n if windowed else gamma
         else:
             gamma = None
@@ -80,30 +87,31 @@ class _CBNNormalize(torch.autograd.Function):
                                                                True, ctx.eps, mask)
         if gx is not None and windowed:
             rest = gamma - w_eff if gamma is not None else 1 - w_eff  # (1 - 1/n) gamma
-            gx = gx.addcmul_(grad_out, (invstd * rest).to(gx.dtype).view(1, c, 1, 1))
+            coef = invstd * rest
+            gx = gx.addcmul_(grad_out, (coef if coef.dtype == gx.dtype else coef.to(gx.dtype))[:, None, None])
         g_kernel = g_conv_bias = None
         if want_kernel:
             present = iter(saved)
             mean_patch, var_kernel, mean_bias, var_bias = (next(present) if p else None for p in ctx.hist_present)
-            rg = invstd * gamma if gamma is not None else invstd
-            a = rg * gb  # -dL/dmu_bar                        (gb = sum dy)
-            cc = (rg * invstd) * gw  # -2 dL/dvar_bar         (gw = sum dy * x_hat)
+            # the history terms are n times the derivative's (HistoryGrad): gamma/n brings the 1/n back
+            rw = invstd * w_eff
+            a = rw * gb  # -n dL/dmu_bar                      (gb = sum dy)
+            cc = (rw * invstd) * gw  # -2n dL/dvar_bar        (gw = sum dy * x_hat)
             shape, dtype = ctx.kernel_meta
             if ctx.needs_input_grad[3]:
                 groups = mean_patch.shape[0]
                 g_kernel = torch.baddbmm(var_kernel.view(groups, c // groups, -1) * cc.view(groups, -1, 1),
                                          a.view(groups, -1, 1), mean_patch.view(groups, 1, -1), beta=-0.5, alpha=-1)
-                g_kernel = g_kernel.view(shape)
                 if ok is not None:
                     g_kernel = torch.where(ok, g_kernel, zero)
-                g_kernel = g_kernel.to(dtype)
+                g_kernel = g_kernel.view(shape) if g_kernel.dtype == dtype else g_kernel.view(shape).to(dtype)
             if ctx.needs_input_grad[4]:
                 g_conv_bias = torch.addcmul(a * mean_bias, cc, var_bias, value=0.5).neg_()
                 if ok is not None:
                     g_conv_bias = torch.where(ok, g_conv_bias, zero)
                 g_conv_bias = g_conv_bias.to(ctx.conv_bias_dtype)
-        gw = gw.to(weight.dtype) if gw is not None and weight is not None and ctx.needs_input_grad[1] else None
-        gb = gb.to(ctx.beta_dtype) if gb is not None and ctx.needs_input_grad[2] else None
+        gw = _as(gw, weight.dtype) if gw is not None and weight is not None and ctx.needs_input_grad[1] else None
+        gb = _as(gb, ctx.beta_dtype) if gb is not None and ctx.needs_input_grad[2] else None
         return gx, gw, gb, g_kernel, g_conv_bias, None, None, None, None, None, None, None
 
 

@@ -86,7 +86,7 @@ class Spy(Hook):
 
         def grab(name):
             def hook(module, args, out):
-                seen = (batch_moments(args[0].detach()), getattr(module, '_replay', None))
+                seen = (batch_moments(args[0].detach()), module.last_call)
                 if self.every_call:
                     self.seen.setdefault(name, []).append(seen)
                 else:

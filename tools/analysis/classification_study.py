@@ -71,7 +71,7 @@ import torch.nn.functional as F
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
+from cbn_mmdet import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
 from paired_stats import paired_difference  # noqa: E402  (this folder: run as a script or with it on sys.path)
 
 VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle', 'ideal')
@@ -160,6 +160,14 @@ class OracleNorm(nn.BatchNorm2d):
         return out
 
 
+class CountProbeCBN(CrossIterationBatchNorm2d):
+    """The count-m probe (analysis only): CBN whose backward counts the batch's m values, not the window's n*m, to
+    tell the count's effect apart from the statistics'. The forward is CBN's."""
+
+    def normalize(self, x, stats, conv):
+        return super().normalize(x, stats._replace(n_iters=1), conv)
+
+
 def attach_oracles(model: nn.Module) -> None:
     """Give every :class:`OracleNorm` the conv registered just before it (conv -> norm in both models here)."""
     conv = None
@@ -179,9 +187,7 @@ def make_norm(variant: str, channels: int, k: int) -> nn.Module:
         return nn.GroupNorm(8, channels)
     compensate, backward, probe = CBN_VARIANTS[variant]
     options = dict(compensate=compensate) if backward is None else dict(compensate=compensate, backward=backward)
-    layer = CrossIterationBatchNorm2d(channels, window_size=k, **options)
-    layer._probe_batch_count = probe
-    return layer
+    return (CountProbeCBN if probe else CrossIterationBatchNorm2d)(channels, window_size=k, **options)
 
 
 class BasicBlock(nn.Module):

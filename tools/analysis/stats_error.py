@@ -128,8 +128,8 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsampl
     pre = {}
 
     def snapshot(module, args):  # the window as the forward sees it (before this iteration is pushed)
-        pre[module] = {key: v.clone() for key, v in module._window.view().items()
-                       if v is not None} if module._window is not None and module._window.count else None
+        bank = module.window_at(module.next_call_position(args[0]))
+        pre[module] = bank.view() if bank is not None and bank.count else None
 
     hooks = [n.register_forward_pre_hook(snapshot) for n in model.norms]
     inputs = {}
@@ -148,8 +148,10 @@ def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsampl
         if measure or k > 1:
             thetas = [c.weight.detach().clone() for c in model.convs]
         if measure:
-            train_stats = [(n._replay.stats.mu_bar, n._replay.stats.var_bar) for n in model.norms]
             batch_stats = [torch.var_mean(inputs[layer][1], dim=(0, 2, 3), correction=0) for layer in range(3)]
+            # what each layer normalized with (stats None: as BatchNorm, its batch's own)
+            train_stats = [(n.last_call.stats.mu_bar, n.last_call.stats.var_bar) if n.last_call.stats is not None
+                           else (batch_stats[i][1], batch_stats[i][0]) for i, n in enumerate(model.norms)]
             pops = population(model, big, train_stats)
             for layer, norm in enumerate(model.norms):
                 var_t, mu_t = batch_stats[layer]
