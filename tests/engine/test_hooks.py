@@ -21,7 +21,7 @@ from cbn_mmdet.engine import config_uses_cbn
     (dict(burnin_epochs=-1), 'burnin_epochs must be an int >= 0, got -1'),
     (dict(burnin_iters=-3), 'burnin_iters must be an int >= 0, got -3'),
     (dict(burnin_iters=2.5), 'burnin_iters must be an int >= 0, got 2.5'),
-    (dict(burnin_iters=1, window_size=0), "window_size must be None, an int >= 1 or 'auto', got 0"),
+    (dict(burnin_iters=1, window_size=0), "window_size must be an int >= 1 or 'auto', got 0"),
 ])
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -86,7 +86,7 @@ class Spy(Hook):
 
         def grab(name):
             def hook(module, args, out):
-                seen = (batch_moments(args[0].detach()), module.last_call)
+                seen = (batch_moments(args[0].detach()), getattr(module, 'last_call', None))
                 if self.every_call:
                     self.seen.setdefault(name, []).append(seen)
                 else:
@@ -221,7 +221,11 @@ def test_naive_layers_report_naive_equal_to_cbn(tmp_path):
     make_runner(tmp_path, [hook], max_iters=10, compensate=False).train()
     assert [r['layer'] for r in hook.records] == ['bn2', 'bn2']
     for r in hook.records:
-        assert r['errors']['CBN'] == r['errors']['Naive'] != r['errors']['BN']
+        # the same window average by two formulas: the layer's fused shifted two-pass form (around mu_t) and the
+        # hook's reference two-pass form (around mu_bar). Each rounds a few fp32 ops (u = 6e-8) on O(1) values,
+        # and the errors are differences of O(0.1-1) relative to the population's spread: 1e-5 is > 100 u
+        np.testing.assert_allclose(r['errors']['CBN'], r['errors']['Naive'], rtol=1e-5, atol=1e-7)
+        assert r['errors']['CBN'] != r['errors']['BN']
 
 
 def test_unknown_layer_names_raise(tmp_path):
