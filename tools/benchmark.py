@@ -223,17 +223,26 @@ def run_launch(args, device):
                 step()
 
         cases[v] = many
+    bn_step = conv_norm_step(conv, nn.BatchNorm2d(c).to(device), u, grad)
+    xs = conv(u).detach()
+
+    def floor_many():  # BN plus the mathematics' one extra op: the weight-gradient of Eq. 8
+        for _ in range(20):
+            bn_step()
+            conv2d_weight(u.detach(), conv.weight.shape, xs, 1, 1)
+
+    cases['BN + 1 weight-grad'] = floor_many
     times = interleaved(cases, args.reps * 3, args.warmup + 1, device)
     times = {k: [t / 20 for t in v] for k, v in times.items()}
     out['host_time'] = {k: summary(v) for k, v in times.items()}
-    out['over_bn'] = {v: paired(times, v, 'BN') for v in LAUNCH_VARIANTS if v != 'BN'}
+    out['over_bn'] = {v: paired(times, v, 'BN') for v in (*LAUNCH_VARIANTS, 'BN + 1 weight-grad') if v != 'BN'}
     print(f'\n[launch] conv3x3 + norm at {shape}, forward+backward, window full: non-view aten ops, host time')
-    for v in LAUNCH_VARIANTS:
+    for v in (*LAUNCH_VARIANTS, 'BN + 1 weight-grad'):
         t = out['host_time'][v]
         ratio = '' if v == 'BN' else (f"  x{out['over_bn'][v]['median']:.2f} BN  95% CI "
                                       f"[{out['over_bn'][v]['ci95'][0]:.2f}, {out['over_bn'][v]['ci95'][1]:.2f}]")
-        print(f"  {v:<20}{out['ops'][v]:5d} ops ({out['extra_ops_over_bn'][v]:+d} over BN)  "
-              f"{1e6 * t['median']:8.0f} us{ratio}")
+        ops = f"{out['ops'][v]:5d} ops ({out['extra_ops_over_bn'][v]:+d} over BN)" if v in out['ops'] else ' ' * 24
+        print(f"  {v:<20}{ops}  {1e6 * t['median']:8.0f} us{ratio}")
     return out
 
 

@@ -278,3 +278,14 @@ def test_shared_head_is_measured_per_call(tmp_path):
         assert torch.equal(a, b), name
     for a, b in zip(plain.model.buffers(), model.buffers()):
         assert torch.equal(a, b)
+
+
+def test_a_record_of_another_batch_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """If the layer's record of what it normalized with is not of the batch the hook sees, the hook must not
+    report BN's error as CBN's: it warns and measures nothing for that layer."""
+    import cbn_mmdet.engine.stats_hook as stats_hook
+    monkeypatch.setattr(stats_hook, 'same_batch', lambda a, b: torch.tensor(False))
+    hook = CBNStatsErrorHook(interval=5, num_images=4, layers=['bn2'])
+    with pytest.warns(UserWarning, match='this measurement is left out'):
+        make_runner(tmp_path, [hook], max_iters=10).train()
+    assert hook.records == []

@@ -406,3 +406,38 @@ def test_history_memory_is_one_kernel_per_stored_iteration():
     assert bank.gp.shape == (8 + 1, 3, kernel // 8)
     assert bank.nbytes == 3 * (kernel + kernel // 8 + fused.FIELDS * 8) * 4
     assert layer.workspace_nbytes < 2 * (kernel + kernel // 8 + 16 * 8) * 4  # one layer's scratch: one entry
+
+def test_configured_window_size_wins_over_a_checkpoint():
+    """A k=4 window state loaded into a k=2 layer: the layer stays k=2 and keeps the newest stored iteration; the
+    other way round the three stored iterations fit the larger window, newest last."""
+    conv, big = trained_layer(k=4, iters=5)  # 3 stored iterations, the ring wrapped once
+    state = big.get_window_state()
+    newest = big.window_at(0).view()['mu'][(big.window_at(0).next - 1) % 3]
+    small = CBN(4, window_size=2)
+    note = small.set_window_state(state)
+    assert small.window_size == 2 and small.window_length == 1
+    assert 'k=4' in note and 'k=2' in note
+    assert torch.equal(small.window_at(0).view()['mu'][0], newest)
+    y = small(conv(torch.randn(2, 3, 6, 6)))  # and it trains as a k=2 layer
+    assert torch.isfinite(y).all() and small.window_length == 1
+    larger = CBN(4, window_size=6)
+    larger.set_window_state(state)
+    assert larger.window_size == 6 and larger.window_length == 3
+    assert torch.equal(larger.window_at(0).view()['mu'][2], newest)
+    same = CBN(4, window_size=4)
+    assert same.set_window_state(state) is None
+    for key, value in big.window_at(0).tensors().items():  # a round trip is exact
+        assert torch.equal(same.window_at(0).tensors()[key], value), key
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_module_dtype_cast_keeps_the_window_bit_for_bit(dtype):
+    conv, layer = trained_layer(k=4, iters=5)
+    before = layer.window_at(0).tensors()
+    cast = copy.deepcopy(layer).to(dtype)
+    after = cast.window_at(0).tensors()
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    half = copy.deepcopy(layer).half()
+    assert torch.equal(half.window_at(0).stats, layer.window_at(0).stats)
+    assert half.running_mean.dtype == torch.float16  # the running statistics follow the cast, as BN's do
