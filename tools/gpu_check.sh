@@ -11,7 +11,7 @@
 #   install     the wheels, pip --no-index --no-deps --target a temporary folder, then imports      90
 #   tests       pytest tests/models tests/ops -k EXPR (the layer's tests; see TEST_ARGS)            150
 #   trajectory  tools/gpu_trajectory.py: 20 iterations against CPU fp64, fp32 and fp16 autocast     60
-#   benchmark   tools/benchmark.py --device DEVICE --cases layer,window                            120
+#   benchmark   tools/benchmark.py --device DEVICE --cases launch,layer,window                            120
 # 150 s on an H200 (2026-11-28). Everything goes into one folder (--out, default $OUT, else
 # work_dirs/gpu_check): gpu_check.log (this short log), summary.json, env.json, install.txt, pytest.txt, pytest.xml,
 # trajectory.json, trajectory.txt, benchmark.json, benchmark.txt. Exit status 0 when every step passed.
@@ -141,11 +141,11 @@ if [ -z "${STOP:-}" ]; then
   TAIL_LINES=20 run_step trajectory 60 trajectory.txt "tools/gpu_trajectory.py --device $DEVICE" \
     "$PY" tools/gpu_trajectory.py --device "$DEVICE" --out "$OUT_DIR/trajectory.json"
 
-  # 5. the benchmark's layer and window cases
+  # 5. the benchmark's launch, layer and window cases
   if "$PY" tools/benchmark.py --help 2>/dev/null | grep -q -- '--device'; then
     TAIL_LINES=14 run_step benchmark 120 benchmark.txt \
-      "tools/benchmark.py --device $DEVICE --cases layer,window${BENCH_REPS:+ --reps $BENCH_REPS}" \
-      "$PY" tools/benchmark.py --device "$DEVICE" --cases layer,window --out "$OUT_DIR/benchmark.json" \
+      "tools/benchmark.py --device $DEVICE --cases launch,layer,window${BENCH_REPS:+ --reps $BENCH_REPS}" \
+      "$PY" tools/benchmark.py --device "$DEVICE" --cases launch,layer,window --out "$OUT_DIR/benchmark.json" \
       ${BENCH_REPS:+--reps "$BENCH_REPS"}
   else
     skip_step benchmark "tools/benchmark.py has no --device option"

@@ -441,3 +441,23 @@ def test_module_dtype_cast_keeps_the_window_bit_for_bit(dtype):
     half = copy.deepcopy(layer).half()
     assert torch.equal(half.window_at(0).stats, layer.window_at(0).stats)
     assert half.running_mean.dtype == torch.float16  # the running statistics follow the cast, as BN's do
+
+
+def test_window_state_written_before_the_bank_loads():
+    """Window states written before the static bank kept no intercepts: ``p_mu``, ``p_s`` and the conv bias at
+    tau instead. Such a state (here the same window, with the bias split out of ``p_mu``) loads and normalizes as
+    the original layer does."""
+    conv, layer = trained_layer(k=4, iters=5)
+    state = layer.get_window_state()
+    old = copy.deepcopy(state)
+    t = old['tensors']
+    del t['a_mu'], t['a_s']
+    t['bias'] = torch.randn_like(t['mu'])
+    t['p_mu'] = t['p_mu'] - t['bias']  # the same compensation: p_mu + bias is what it subtracts
+    fresh = CBN(4, window_size=4)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.set_window_state(old)
+    x = conv(torch.randn(2, 3, 6, 6))
+    # A = mu - p_mu - bias is recomputed from three stored values: a few fp32 roundings (u = 6e-8) of values of
+    # size <= ~10, against outputs of size ~3
+    torch.testing.assert_close(fresh(x), layer(x), rtol=1e-5, atol=1e-5)
