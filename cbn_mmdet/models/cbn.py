@@ -5,14 +5,13 @@ The layer holds the options and orchestrates one call. Each kind of state has it
 finding the convolution (:mod:`.conv_lookup`). The formulas are in :mod:`cbn_mmdet.ops`.
 """
 import contextlib
-import gc
 import math
 import warnings
 from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import ConvSpec, batch_moments, cbn_normalize
@@ -21,11 +20,11 @@ from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, h
                          store_entry, window_sums)
 from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
-from .options import check_backward, check_window_size, positive_int
-from .replay import Replay, ReplayBook, WindowStats, same_batch
-from .window import WindowBank, Workspace
+from .options import check_backward, check_window_size, find_module_path, positive_int
+from .replay import CheckpointReplayMixin, Replay, ReplayBook, WindowStats
+from .window import WindowBank, WindowStateMixin, Workspace
 
-__all__ = ['CrossIterationBatchNorm2d', 'newest_entries']
+__all__ = ['CrossIterationBatchNorm2d']
 
 _NULL = contextlib.nullcontext()
 
@@ -39,7 +38,7 @@ class _Last:
         self.kernel_views: Optional[KernelViews] = None
 
 
-class CrossIterationBatchNorm2d(_BatchNorm):
+class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchNorm):
     r"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) over a 4D input.
 
     BatchNorm estimates its statistics from the current mini-batch alone, which is too few examples at the 1-4
@@ -302,60 +301,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """The kernel and bias of the convolution whose iteration was pushed last (None before any push)."""
         return self._last.conv_params
 
-    # ------------------------------------------------------------------ state
-    def get_window_state(self) -> dict:
-        """The window history as a dict of CPU tensors, for checkpoints (the state_dict stays BN's).
-
-        ``count``, ``next`` and ``tensors`` hold the first call position's window, as a layer called once per
-        iteration has always written them. A layer called several times per iteration (a head shared across FPN
-        levels) adds ``calls`` (its calls per iteration) and ``later_calls``, the same three fields for each later
-        position, in call order.
-        """
-
-        def position(bank):
-            return dict(count=0, next=0, tensors={}) if bank is None or not bank.count else bank.state()
-
-        state = dict(window_size=self.window_size, **position(self.window_at(0)))
-        if len(self._banks) > 1 or (self._calls.calls or 1) > 1:
-            state.update(calls=self._calls.calls, later_calls=[position(b) for b in self._banks[1:]])
-        return state
-
-    def set_window_state(self, state: dict) -> Optional[str]:
-        """Restore what :meth:`get_window_state` returned. A state without ``later_calls`` (written by a layer
-        called once per iteration, or before per-call windows existed) restores the first call position.
-
-        The configured window size wins: a state written with another ``k`` keeps the newest ``min(k - 1, stored)``
-        iterations of each position. Returns a note saying so (None when the sizes agree); a layer whose size is
-        still ``'auto'`` takes the state's.
-        """
-        if not isinstance(state, dict) or not {'window_size', 'count', 'next', 'tensors'} <= set(state):
-            raise ValueError(f'{self._describe()}: not a CBN window state: {type(state).__name__}')
-        stored = state['window_size']
-        if self.window_size == 'auto':
-            self.window_size = stored
-        k = self.window_size
-        self._banks = []
-        self._replays.clear()
-        self._calls.calls = state.get('calls')
-        self._calls.restart()  # the next call starts an iteration
-        note = None
-        if stored != k:
-            kept = min(k - 1, max([state['count']] + [s['count'] for s in state.get('later_calls') or ()]))
-            note = (f'{self._describe()}: the checkpoint holds windows of k={stored}, the layer is configured with '
-                    f'k={k}: kept the newest {max(kept, 0)} iteration(s) of each call position')
-        if k == 'auto' or k < 2:
-            return note
-        device = self.running_mean.device if self.running_mean is not None else (
-            self.weight.device if self.weight is not None else torch.device('cpu'))
-        for position, sub in enumerate([state] + list(state.get('later_calls') or ())):
-            if stored != k and isinstance(stored, int) and stored > 1:
-                sub = newest_entries(sub, stored - 1, k - 1)
-            bank = WindowBank.from_state(sub, k - 1, self.num_features, device, self._describe())
-            self._set_bank(position, bank)
-        while self._banks and self._banks[-1] is None:
-            self._banks.pop()
-        return note
-
     def _set_bank(self, position: int, bank: Optional[WindowBank]) -> None:
         if position >= len(self._banks):
             self._banks.extend([None] * (position + 1 - len(self._banks)))
@@ -399,21 +344,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     # ------------------------------------------------------------------ helpers
     def _describe(self) -> str:
-        return f"{type(self).__name__} '{self.module_path or self._find_module_path()}'"
-
-    def _find_module_path(self) -> str:
-        """The dotted path of this layer in its root module (only used in messages)."""
-        parent_of = {}
-        for obj in gc.get_objects():
-            if issubclass(type(obj), nn.Module):
-                for name, child in obj._modules.items():
-                    if child is not None:
-                        parent_of.setdefault(id(child), (obj, name))
-        parts, node = [], self
-        while id(node) in parent_of and len(parts) < 64:
-            node, name = parent_of[id(node)]
-            parts.append(name)
-        return '.'.join(reversed(parts)) or '<root>'
+        return f"{type(self).__name__} '{self.module_path or find_module_path(self)}'"
 
     def _warn_once(self, why: str) -> None:
         if not self._warned:
@@ -608,98 +539,3 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if y.requires_grad and not self._calls.managed:
                 y.register_hook(self._calls.saw_backward)
         return y
-
-    # ------------------------------------------------------------------ gradient checkpointing
-    def _replay_message(self) -> str:
-        return (f"{type(self).__name__} '{self.module_path or '?'}': a forward during backward (gradient "
-                'checkpointing) saw a different input from the first forward of this iteration; cannot replay its '
-                'statistics.')
-
-    def check_replays(self) -> None:
-        """Raise if a checkpoint recomputation on a GPU saw a different input from its first forward (counted on the
-        device; this reads the count, so call it now and then: CBNBurnInHook does every 100 iterations)."""
-        if self._replay_mismatches is not None and int(self._replay_mismatches) > 0:
-            raise RuntimeError(f'{self._replay_message()} ({int(self._replay_mismatches)} times)')
-
-    def _replay_forward(self, x: Tensor, positions: List[int]) -> Tensor:
-        """A checkpoint recomputation of one of the calls at ``positions``: the same statistics as its first forward,
-        and at most one push, into that call's window."""
-        with torch.no_grad():
-            mu_t, s_t = batch_moments(x.detach())
-        windowed = [p for p in positions if self._replays.get(p).stats is not None]
-        candidates = [self._replays.get(p) for p in positions]
-        if windowed:
-            replay, position = self._replays.pick(mu_t, windowed)
-            same = same_batch(mu_t, replay.mu_t)
-        elif all(r.pushed for r in candidates):
-            # calls that normalized as BatchNorm (burn-in, k=1), nothing left to push: the recomputation needs no
-            # position, only that its input is one of theirs
-            replay, position = candidates[-1], None
-            known = [r.mu_t for r in candidates if r.mu_t is not None]
-            same = torch.stack([same_batch(mu_t, m) for m in known]).any() if known else None
-        else:  # the engine recomputes independent branches latest first
-            fresh = [p for p in positions if not self._replays.get(p).replayed]
-            position = (fresh or positions)[-1]
-            replay = self._replays.get(position)
-            same = same_batch(mu_t, replay.mu_t) if replay.mu_t is not None else None
-        if same is not None:
-            # checked without reading a bool on the host: on the CPU an asynchronous assert raises at once; on CUDA a
-            # device-side assert would poison the context, so a device counter is kept and check_replays() raises
-            if mu_t.device.type == 'cpu':
-                torch._assert_async(same, self._replay_message())
-            else:
-                if self._replay_mismatches is None or self._replay_mismatches.device != mu_t.device:
-                    self._replay_mismatches = torch.zeros((), dtype=torch.int64, device=mu_t.device)
-                self._replay_mismatches.add_(~same)
-        stats = replay.stats
-        conv = None
-        if (stats is not None and stats.hist is not None) or not replay.pushed:
-            conv, why = find_conv(x)
-            if conv is None and not replay.pushed:
-                self._warn_once(f'cannot collect its window because {why}')
-        if position is not None and not replay.pushed and conv is not None:
-            device_type = x.device.type
-            with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                self._push_alone(conv, x, mu_t, s_t, position)
-        if stats is None:  # BatchNorm's first forward again, without updating the running statistics
-            y = self._bn_forward(x, replay=True)
-        else:
-            y = self.normalize(x, stats, conv)
-        if position is not None:
-            self._replays.set(position, replay._replace(pushed=True, replayed=True))
-        return y
-
-    def _push_alone(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor, position: int) -> None:
-        """Push an iteration outside a windowed forward (a reentrant checkpoint's recomputation)."""
-        dtype, device = mu_t.dtype, mu_t.device
-        shape = tuple(conv.weight.shape) if self.compensate else None
-        groups = conv.groups if self.compensate else 1
-        ws = self._workspace_for(shape, groups, dtype, device)
-        ws.set_count(x.numel() // x.shape[1])
-        kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
-        fill_entry(ws.views, kv, conv, x, mu_t, s_t, self.stat_grad_subsample)
-        ok = all_finite(ws.views.fresh[self.compensate, False])
-        bank = self._bank_for(position, conv, dtype, device)
-        store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
-        bank.advance()
-        self._last.conv_params = (conv.weight, conv.bias)
-        self._last.groups = conv.groups
-
-
-def newest_entries(state: dict, old_capacity: int, new_capacity: int) -> dict:
-    """A window state of one call position cut (or padded) to ``new_capacity`` slots, keeping its newest
-    ``min(new_capacity, count)`` iterations in ring order (the oldest of them in slot 0)."""
-    count, nxt = int(state['count']), int(state['next'])
-    if not count:
-        return dict(count=0, next=0, tensors={})
-    order = list(range(count)) if count < old_capacity else [(nxt + i) % old_capacity for i in range(old_capacity)]
-    kept = order[max(0, len(order) - new_capacity):]
-    index = torch.tensor(kept, dtype=torch.long)
-    tensors = {}
-    for key, value in state['tensors'].items():
-        if value is None:
-            continue
-        rows = value.index_select(0, index)
-        pad = value.new_zeros((new_capacity - len(kept), ) + tuple(value.shape[1:]))
-        tensors[key] = torch.cat([rows, pad])
-    return dict(count=len(kept), next=len(kept) % new_capacity, tensors=tensors)

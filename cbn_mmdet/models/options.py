@@ -1,7 +1,11 @@
-"""The layer's options and their checks: one message shape for every bad value (the argument and the value)."""
+"""The layer's options and their checks (one message shape for every bad value: the argument and the value), and
+the layer's name in messages."""
+import gc
 from typing import Union
 
-__all__ = ['BACKWARDS', 'positive_int', 'check_window_size', 'check_backward']
+from torch import nn
+
+__all__ = ['BACKWARDS', 'positive_int', 'check_window_size', 'check_backward', 'find_module_path']
 
 BACKWARDS = ('exact', 'authors')
 
@@ -26,3 +30,18 @@ def check_backward(value) -> str:
     if value not in BACKWARDS:
         raise ValueError(f'backward must be one of {BACKWARDS}, got {value!r}')
     return value
+
+
+def find_module_path(module) -> str:
+    """The dotted path of this layer in its root module (only used in messages)."""
+    parent_of = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), nn.Module):
+            for name, child in obj._modules.items():
+                if child is not None:
+                    parent_of.setdefault(id(child), (obj, name))
+    parts, node = [], module
+    while id(node) in parent_of and len(parts) < 64:
+        node, name = parent_of[id(node)]
+        parts.append(name)
+    return '.'.join(reversed(parts)) or '<root>'

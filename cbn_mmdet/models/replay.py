@@ -10,9 +10,11 @@ from typing import List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from ..ops import HistoryGrad
+from ..ops import ConvSpec, HistoryGrad, batch_moments
+from ..ops.fused import all_finite, fill_entry, store_entry
+from .conv_lookup import find_conv
 
-__all__ = ['WindowStats', 'Replay', 'ReplayBook']
+__all__ = ['WindowStats', 'Replay', 'ReplayBook', 'CheckpointReplayMixin']
 
 
 class WindowStats(NamedTuple):
@@ -104,3 +106,83 @@ class ReplayBook:
         picked = WindowStats(pick(st.mu_bar for st in stats), pick(st.var_bar for st in stats), n_iters, hist,
                              pick(st.ok for st in stats))
         return Replay(pick(r.mu_t for r in replays), picked, True, replays[0].shape, True), None
+
+
+class CheckpointReplayMixin:
+    """The CBN layer's side of gradient checkpointing: a forward during backward replays its call's statistics
+    and pushes the iteration at most once. Uses the layer's replay book, windows and normalization."""
+
+    def _replay_message(self) -> str:
+        return (f"{type(self).__name__} '{self.module_path or '?'}': a forward during backward (gradient "
+                'checkpointing) saw a different input from the first forward of this iteration; cannot replay its '
+                'statistics.')
+
+    def check_replays(self) -> None:
+        """Raise if a checkpoint recomputation on a GPU saw a different input from its first forward (counted on the
+        device; this reads the count, so call it now and then: CBNBurnInHook does every 100 iterations)."""
+        if self._replay_mismatches is not None and int(self._replay_mismatches) > 0:
+            raise RuntimeError(f'{self._replay_message()} ({int(self._replay_mismatches)} times)')
+
+    def _replay_forward(self, x: Tensor, positions: List[int]) -> Tensor:
+        """A checkpoint recomputation of one of the calls at ``positions``: the same statistics as its first forward,
+        and at most one push, into that call's window."""
+        with torch.no_grad():
+            mu_t, s_t = batch_moments(x.detach())
+        windowed = [p for p in positions if self._replays.get(p).stats is not None]
+        candidates = [self._replays.get(p) for p in positions]
+        if windowed:
+            replay, position = self._replays.pick(mu_t, windowed)
+            same = same_batch(mu_t, replay.mu_t)
+        elif all(r.pushed for r in candidates):
+            # calls that normalized as BatchNorm (burn-in, k=1), nothing left to push: the recomputation needs no
+            # position, only that its input is one of theirs
+            replay, position = candidates[-1], None
+            known = [r.mu_t for r in candidates if r.mu_t is not None]
+            same = torch.stack([same_batch(mu_t, m) for m in known]).any() if known else None
+        else:  # the engine recomputes independent branches latest first
+            fresh = [p for p in positions if not self._replays.get(p).replayed]
+            position = (fresh or positions)[-1]
+            replay = self._replays.get(position)
+            same = same_batch(mu_t, replay.mu_t) if replay.mu_t is not None else None
+        if same is not None:
+            # checked without reading a bool on the host: on the CPU an asynchronous assert raises at once; on CUDA a
+            # device-side assert would poison the context, so a device counter is kept and check_replays() raises
+            if mu_t.device.type == 'cpu':
+                torch._assert_async(same, self._replay_message())
+            else:
+                if self._replay_mismatches is None or self._replay_mismatches.device != mu_t.device:
+                    self._replay_mismatches = torch.zeros((), dtype=torch.int64, device=mu_t.device)
+                self._replay_mismatches.add_(~same)
+        stats = replay.stats
+        conv = None
+        if (stats is not None and stats.hist is not None) or not replay.pushed:
+            conv, why = find_conv(x)
+            if conv is None and not replay.pushed:
+                self._warn_once(f'cannot collect its window because {why}')
+        if position is not None and not replay.pushed and conv is not None:
+            device_type = x.device.type
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                self._push_alone(conv, x, mu_t, s_t, position)
+        if stats is None:  # BatchNorm's first forward again, without updating the running statistics
+            y = self._bn_forward(x, replay=True)
+        else:
+            y = self.normalize(x, stats, conv)
+        if position is not None:
+            self._replays.set(position, replay._replace(pushed=True, replayed=True))
+        return y
+
+    def _push_alone(self, conv: ConvSpec, x: Tensor, mu_t: Tensor, s_t: Tensor, position: int) -> None:
+        """Push an iteration outside a windowed forward (a reentrant checkpoint's recomputation)."""
+        dtype, device = mu_t.dtype, mu_t.device
+        shape = tuple(conv.weight.shape) if self.compensate else None
+        groups = conv.groups if self.compensate else 1
+        ws = self._workspace_for(shape, groups, dtype, device)
+        ws.set_count(x.numel() // x.shape[1])
+        kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
+        fill_entry(ws.views, kv, conv, x, mu_t, s_t, self.stat_grad_subsample)
+        ok = all_finite(ws.views.fresh[self.compensate, False])
+        bank = self._bank_for(position, conv, dtype, device)
+        store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
+        bank.advance()
+        self._last.conv_params = (conv.weight, conv.bias)
+        self._last.groups = conv.groups

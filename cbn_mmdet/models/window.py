@@ -4,14 +4,14 @@ The layout and the mathematics over it are in :mod:`cbn_mmdet.ops.fused`. A bank
 an empty or skipped slot is a zero row of weight 0, so a partly filled window is computed exactly like a full one.
 """
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from ..ops.fused import FIELDS, MU, ONE, A, M, R, S, BankViews, ScratchViews
 
-__all__ = ['WindowBank', 'Workspace', 'STATE_KEYS']
+__all__ = ['WindowBank', 'Workspace', 'WindowStateMixin', 'newest_entries', 'STATE_KEYS']
 
 # the keys of a window state (one call position), as checkpoints have always held them; 'a_mu' and 'a_s' (the
 # intercepts the bank keeps) were added with the bank and make a round trip exact
@@ -175,3 +175,79 @@ class WindowBank:
             bank.gp[c:] = t['g_mu'].reshape(capacity, groups, -1).transpose(0, 1).to(device)
         bank.count, bank.next = int(state['count']), int(state['next'])
         return bank
+
+
+class WindowStateMixin:
+    """The CBN layer's window state for checkpoints (its ``state_dict`` stays BN's)."""
+
+    def get_window_state(self) -> dict:
+        """The window history as a dict of CPU tensors, for checkpoints (the state_dict stays BN's).
+
+        ``count``, ``next`` and ``tensors`` hold the first call position's window, as a layer called once per
+        iteration has always written them. A layer called several times per iteration (a head shared across FPN
+        levels) adds ``calls`` (its calls per iteration) and ``later_calls``, the same three fields for each later
+        position, in call order.
+        """
+
+        def position(bank):
+            return dict(count=0, next=0, tensors={}) if bank is None or not bank.count else bank.state()
+
+        state = dict(window_size=self.window_size, **position(self.window_at(0)))
+        if len(self._banks) > 1 or (self._calls.calls or 1) > 1:
+            state.update(calls=self._calls.calls, later_calls=[position(b) for b in self._banks[1:]])
+        return state
+
+    def set_window_state(self, state: dict) -> Optional[str]:
+        """Restore what :meth:`get_window_state` returned. A state without ``later_calls`` (written by a layer
+        called once per iteration, or before per-call windows existed) restores the first call position.
+
+        The configured window size wins: a state written with another ``k`` keeps the newest ``min(k - 1, stored)``
+        iterations of each position. Returns a note saying so (None when the sizes agree); a layer whose size is
+        still ``'auto'`` takes the state's.
+        """
+        if not isinstance(state, dict) or not {'window_size', 'count', 'next', 'tensors'} <= set(state):
+            raise ValueError(f'{self._describe()}: not a CBN window state: {type(state).__name__}')
+        stored = state['window_size']
+        if self.window_size == 'auto':
+            self.window_size = stored
+        k = self.window_size
+        self._banks = []
+        self._replays.clear()
+        self._calls.calls = state.get('calls')
+        self._calls.restart()  # the next call starts an iteration
+        note = None
+        if stored != k:
+            kept = min(k - 1, max([state['count']] + [s['count'] for s in state.get('later_calls') or ()]))
+            note = (f'{self._describe()}: the checkpoint holds windows of k={stored}, the layer is configured with '
+                    f'k={k}: kept the newest {max(kept, 0)} iteration(s) of each call position')
+        if k == 'auto' or k < 2:
+            return note
+        device = self.running_mean.device if self.running_mean is not None else (
+            self.weight.device if self.weight is not None else torch.device('cpu'))
+        for position, sub in enumerate([state] + list(state.get('later_calls') or ())):
+            if stored != k and isinstance(stored, int) and stored > 1:
+                sub = newest_entries(sub, stored - 1, k - 1)
+            bank = WindowBank.from_state(sub, k - 1, self.num_features, device, self._describe())
+            self._set_bank(position, bank)
+        while self._banks and self._banks[-1] is None:
+            self._banks.pop()
+        return note
+
+
+def newest_entries(state: dict, old_capacity: int, new_capacity: int) -> dict:
+    """A window state of one call position cut (or padded) to ``new_capacity`` slots, keeping its newest
+    ``min(new_capacity, count)`` iterations in ring order (the oldest of them in slot 0)."""
+    count, nxt = int(state['count']), int(state['next'])
+    if not count:
+        return dict(count=0, next=0, tensors={})
+    order = list(range(count)) if count < old_capacity else [(nxt + i) % old_capacity for i in range(old_capacity)]
+    kept = order[max(0, len(order) - new_capacity):]
+    index = torch.tensor(kept, dtype=torch.long)
+    tensors = {}
+    for key, value in state['tensors'].items():
+        if value is None:
+            continue
+        rows = value.index_select(0, index)
+        pad = value.new_zeros((new_capacity - len(kept), ) + tuple(value.shape[1:]))
+        tensors[key] = torch.cat([rows, pad])
+    return dict(count=len(kept), next=len(kept) % new_capacity, tensors=tensors)
