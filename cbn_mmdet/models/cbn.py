@@ -102,7 +102,9 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
       batch is normalized with its own statistics (as BN would; a diverged kernel or window thus falls back to
       BN), the iteration takes a window slot with weight 0, stored as zeros, and the running statistics are not
       updated. All of it is ``torch.where``: a training iteration never waits on the host. Calls without a window
-      (burn-in, ``k=1``) are ``nn.BatchNorm2d`` exactly.
+      (burn-in, ``k=1``) normalize as ``nn.BatchNorm2d``, and their running statistics skip a non-finite batch too.
+    * **Switching** ``compensate`` off on a layer whose window was collected with compensation (or the reverse)
+      restarts the window; meanwhile the layer normalizes as BN.
     * **Speed**: the window is a static bank of stacked tensors per call position (:mod:`cbn_mmdet.ops.fused`), so a
       windowed forward and backward is a few dozen ops whatever ``k``: on a GPU, where a layer's time is set by its
       kernel launches, that is what the cost is.
@@ -118,8 +120,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         0.1, P6 0.09, ... P3 0.066 of each iteration's update), so the evaluation statistics lean towards the
         coarse levels P6 and P7, exactly as with BN. In eval mode the layer is ``nn.BatchNorm2d``. The
         ``state_dict`` has exactly BN's keys; the windows (one per call position) are read and restored with
-        :meth:`get_window_state` and :meth:`set_window_state`. Running mean and variance are two rows of one
-        buffer, so that their update is one op.
+        :meth:`get_window_state` and :meth:`set_window_state`.
 
     Args:
         num_features (int): C of the (N, C, H, W) input.
@@ -187,7 +188,6 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         self._warned = False
         self._replay_mismatches: Optional[Tensor] = None  # CUDA: checkpoint replays that saw another input
         self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
-        self._pack_running_stats()
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -313,27 +313,10 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                 bank.apply(fn)  # follows the device; keeps the statistics dtype bit for bit
         if self._workspace is not None:
             self._workspace.apply(fn)
-        self._pack_running_stats()
         self._replays.clear()
         self._replay_mismatches = None
         self._last.kernel_views = None
         return self
-
-    def _pack_running_stats(self) -> Optional[Tensor]:
-        """Running mean and variance as the two rows of one (2, C) storage (their EMA step is then one op). Returns
-        the (2, C) view; None without running statistics. Buffers that do not share a storage (after a device move,
-        or an assignment of new tensors) are packed afresh."""
-        mean, var = self.running_mean, self.running_var
-        if mean is None or var is None:
-            return None
-        c = mean.numel()
-        if (mean.dtype == var.dtype and mean.device == var.device and mean.is_contiguous() and var.is_contiguous()
-                and mean.untyped_storage().data_ptr() == var.untyped_storage().data_ptr()
-                and var.storage_offset() == mean.storage_offset() + c):
-            return mean.as_strided((2, c), (c, 1))
-        pair = torch.stack([mean.detach(), var.detach().to(mean.dtype)])
-        self._buffers['running_mean'], self._buffers['running_var'] = pair[0], pair[1]
-        return pair
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), '__getstate__') else self.__dict__
@@ -493,29 +476,29 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                 factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mu_t.dtype)
             else:
                 factor = self.momentum
-            running_update(self._pack_running_stats(), sv, ok, factor)
+            running_update(self.running_mean, self.running_var, sv, ok, factor)
         return WindowStats(chosen[0], chosen[1], chosen[2, 0], hist, ok)
 
     def _bn_forward(self, x: Tensor, replay: bool = False) -> Tensor:
-        """``nn.BatchNorm2d``'s training forward, without its host read for ``momentum=None`` (the cumulative
-        factor is computed on the device). ``replay``: a checkpoint recomputation, which normalizes the same way and
-        leaves the running statistics as they are."""
-        if not self.track_running_stats:
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if self.momentum is not None:  # the update is inside BN's kernel; momentum 0 keeps the values
-            if not replay:
-                self.num_batches_tracked.add_(1)
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                0.0 if replay else self.momentum, self.eps)
+        """``nn.BatchNorm2d``'s training forward, whose running statistics skip a non-finite batch (decided on the
+        device) and whose ``momentum=None`` factor is computed on the device (BN reads it on the host).
+        ``replay``: a checkpoint recomputation, which normalizes the same way and updates nothing."""
         y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if not replay:
+        if self.track_running_stats and not replay:
             with torch.no_grad():
                 mu, s = batch_moments(x.detach())
                 m = x.numel() // x.shape[1]
-                self.num_batches_tracked.add_(1)
-                pair = self._pack_running_stats()
-                new = torch.stack([mu, s * (m / max(m - 1, 1))]).to(pair.dtype)
-                pair.lerp_(new, 1.0 / self.num_batches_tracked.to(pair.dtype))
+                new = torch.stack([mu, s * (m / max(m - 1, 1))])
+                ok = all_finite(new)
+                self.num_batches_tracked.add_(ok)  # a non-finite batch is not counted (BN counts every batch)
+                mean, var = self.running_mean, self.running_var
+                if self.momentum is None:  # cumulative average, on the device
+                    factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mean.dtype)
+                else:
+                    factor = self.momentum
+                new = new if new.dtype == mean.dtype else new.to(mean.dtype)
+                torch._foreach_lerp_([mean, var], [torch.where(ok, new[0], mean), torch.where(ok, new[1], var)],
+                                     factor)
         return y
 
     def normalize(self, x: Tensor, stats: WindowStats, conv: Optional[ConvSpec]) -> Tensor:

@@ -46,6 +46,15 @@ class Workspace:
         self.views.entry[ONE] = 1
         self._m: Optional[int] = None
 
+    def __getstate__(self):  # plain pickle stores each view's storage apart: the views are rebuilt instead
+        state = dict(self.__dict__)
+        del state['views']
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.views = ScratchViews(self.work, self.hbuf, *self._shape)
+
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
         if m != self._m:
@@ -80,6 +89,15 @@ class WindowBank:
         self.views = BankViews(self.stats, self.gp, groups)
         self.count = 0
         self.next = 0
+
+    def __getstate__(self):  # plain pickle stores each view's storage apart: the views are rebuilt instead
+        state = dict(self.__dict__)
+        del state['views']
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.views = BankViews(self.stats, self.gp, self.groups)
 
     @property
     def compensating(self) -> bool:

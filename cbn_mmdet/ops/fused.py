@@ -2,8 +2,9 @@
 
 On a GPU a layer's cost is set by how many kernels it launches, not by its arithmetic. So the window is one static
 bank of stacked tensors per call position, and every step below is one op over all of it: no Python loop over the
-window, no op per statistic, and nothing that changes shape between iterations (the code is safe to capture in a
-CUDA graph). :mod:`cbn_mmdet.ops.compensation` has the same mathematics in reference form.
+window, no op per statistic, and nothing that changes shape between iterations (the ring's slot is still chosen on
+the host, so the path is not yet capturable in a CUDA graph). :mod:`cbn_mmdet.ops.compensation` has the same
+mathematics in reference form.
 
 Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.window.WindowBank` owns it):
 
@@ -115,11 +116,9 @@ class KernelViews:
 
     def valid_for(self, kernel: Tensor, dtype: torch.dtype) -> bool:
         """Still the views of ``kernel`` (an optimizer's in-place step keeps them valid; a cast does not)."""
-        if self.source is not kernel or self.w.dtype != dtype:
-            return False
-        if kernel.dtype == dtype:  # views of the kernel's own storage
-            return self.w.data_ptr() == kernel.data_ptr()
-        return self.version == kernel._version  # a converted copy: valid until the kernel changes
+        # views of the kernel's own storage stay valid under in-place steps; a converted copy (a kernel in another
+        # dtype) is made afresh at every forward: a write through .data would not tell it
+        return self.source is kernel and kernel.dtype == dtype and self.w.data_ptr() == kernel.data_ptr()
 
 
 def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvSpec], x: Tensor, mu_t: Tensor,
@@ -229,10 +228,15 @@ def store_entry(bv: BankViews, slot: int, sv: ScratchViews, ok: Tensor, zero: Te
         torch.where(ok, sv.gp_entry, zero, out=gp_slot)
 
 
-def running_update(pair: Tensor, sv: ScratchViews, ok: Tensor, factor) -> None:
-    """The running statistics' EMA step (BN's, with the window's statistics), where ``ok``; two ops on the packed
-    ``pair`` (2, C) of running mean and variance. The sums come from :func:`window_sums`; their variance row becomes
-    the unbiased one, ``var_bar * M / (M - 1)`` with ``M`` the number of values averaged."""
-    sv.var_bar.addcdiv_(sv.var_bar, sv.m_total - 1)  # var * (1 + 1/(M - 1))
-    new = torch.where(ok, sv.sums_moments, pair)
-    pair.lerp_(new if new.dtype == pair.dtype else new.to(pair.dtype), factor)
+def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, factor) -> None:
+    """The running statistics' EMA step (BN's, with the window's statistics), where ``ok``: one multi-tensor lerp
+    of the running mean and variance. The sums come from :func:`window_sums`; their variance row becomes the
+    unbiased one, ``var_bar * M / (M - 1)`` with ``M`` the number of values averaged (``var_bar`` itself for
+    ``M = 1``, a single value, as BN's update has it)."""
+    sv.var_bar.addcdiv_(sv.var_bar, (sv.m_total - 1).clamp_(min=1))  # var * (1 + 1/(M - 1))
+    if mean.dtype != sv.mu_bar.dtype:  # a .half() module: its running statistics follow the cast, as BN's do
+        new = [torch.where(ok, sv.mu_bar, mean).to(mean.dtype), torch.where(ok, sv.var_bar, var).to(var.dtype)]
+        factor = factor.to(mean.dtype) if isinstance(factor, Tensor) else factor
+    else:
+        new = [torch.where(ok, sv.mu_bar, mean), torch.where(ok, sv.var_bar, var)]
+    torch._foreach_lerp_([mean, var], new, factor)

@@ -328,6 +328,12 @@ def test_deepcopy_pickle_and_device_move_keep_window():
         assert clone.window_length == layer.window_length
         assert torch.equal(clone.window_at(0).gp, layer.window_at(0).gp)
         assert torch.equal(clone.window_at(0).stats, layer.window_at(0).stats)
+    # and each trains on as the original does: the bank's views still alias the bank after a round trip
+    x = conv(torch.randn(2, 3, 6, 6))
+    clones = [copy.deepcopy(layer), pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)]
+    outputs = [clone(x) for clone in clones]
+    for clone, y in zip(clones[1:], outputs[1:]):
+        assert torch.equal(y, outputs[0]) and torch.equal(clone.window_at(0).stats, clones[0].window_at(0).stats)
     moved = copy.deepcopy(layer).to(torch.float64)
     assert moved.window_at(0).gp.dtype == torch.float32  # statistics keep their dtype
 
@@ -461,3 +467,32 @@ def test_window_state_written_before_the_bank_loads():
     # A = mu - p_mu - bias is recomputed from three stored values: a few fp32 roundings (u = 6e-8) of values of
     # size <= ~10, against outputs of size ~3
     torch.testing.assert_close(fresh(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_a_non_finite_batch_without_a_window_keeps_the_running_statistics(momentum):
+    """Burn-in and k=1 normalize as BN, but unlike BN their running statistics skip a non-finite batch."""
+    conv, layer = trained_layer(k=1, iters=3, momentum=momentum)
+    rm, rv, nbt = layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone()
+    bad = torch.randn(2, 3, 6, 6)
+    bad[0, 0, 0, 0] = float('inf')
+    assert not torch.isfinite(layer(conv(bad))).all()
+    assert torch.equal(rm, layer.running_mean) and torch.equal(rv, layer.running_var)
+    assert torch.equal(nbt, layer.num_batches_tracked)
+    good = conv(torch.randn(2, 3, 6, 6))
+    bn = nn.BatchNorm2d(4, momentum=momentum)
+    bn.load_state_dict(layer.state_dict())
+    bn.train()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(good), bn(good))
+    # the same update as BN's (fp32 roundings of one EMA step)
+    torch.testing.assert_close(layer.running_var, bn.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_half_module_with_cumulative_running_statistics_trains():
+    conv, layer = nn.Conv2d(3, 4, 3, padding=1).half(), CBN(4, window_size=3, momentum=None).half()
+    for _ in range(4):
+        y = layer(conv(torch.randn(2, 3, 6, 6).half()))
+        y.float().square().mean().backward()
+    assert layer.window_at(0).stats.dtype == torch.float32 and layer.running_var.dtype == torch.float16
+    assert torch.isfinite(layer.running_var).all() and int(layer.num_batches_tracked) == 4

@@ -76,5 +76,5 @@ def test_a_windowed_layer_iteration_launches_a_fixed_few_ops():
     bn, _ = benchmark.count_launches('BN')
     ours = {v: benchmark.count_launches(v)[0] - bn for v in ('CBN k=4', 'CBN k=8', 'CBN k=4 authors bw')}
     authors, _ = benchmark.count_launches('authors k=4')
-    assert ours['CBN k=4'] == ours['CBN k=8'] <= 50
+    assert ours['CBN k=4'] == ours['CBN k=8'] <= 52
     assert ours['CBN k=4 authors bw'] < ours['CBN k=4'] < authors - bn
