@@ -32,11 +32,16 @@ UNSAFE_FALLBACK = ('torch {version} has no allow-list for its weights_only unpic
 
 
 def mmengine_safe_globals() -> List:
-    """The globals an mmengine training checkpoint needs besides tensors and plain containers."""
-    core = getattr(np, '_core', None) or np.core
+    """The globals an mmengine training checkpoint needs besides tensors and plain containers.
+
+    numpy's array and scalar rebuild functions are taken from what numpy pickles (``__reduce__``), not from a module
+    path: they live in ``numpy.core.multiarray`` in numpy 1.x, whose ``numpy._core`` is a stub once something
+    imports it, and in ``numpy._core.multiarray`` in numpy 2.
+    """
+    reconstruct = np.zeros(0).__reduce__()[0]
+    scalar = np.int64(0).__reduce__()[0]
     dtype_classes = {type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG'}
-    return [getattr, HistoryBuffer, np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar,
-            *sorted(dtype_classes, key=str)]
+    return [getattr, HistoryBuffer, np.ndarray, np.dtype, reconstruct, scalar, *sorted(dtype_classes, key=str)]
 
 
 def has_allow_list() -> bool:

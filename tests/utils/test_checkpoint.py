@@ -7,6 +7,7 @@ What torch offers to allow-list globals depends on its version: ``add_safe_globa
 """
 import pickle
 import re
+import types
 import warnings
 
 import numpy as np
@@ -173,3 +174,11 @@ def test_allow_listed_refuses_a_torch_without_an_allow_list(monkeypatch):
     with pytest.raises(RuntimeError, match=message):
         with allow_listed(mmengine_safe_globals()):
             pass
+
+
+def test_the_allow_list_holds_what_numpy_pickles_with_numpy_1s_core_stub(monkeypatch):
+    """numpy 1.26 has a ``numpy._core`` without ``multiarray`` once something imports it; its rebuild functions live
+    in ``numpy.core.multiarray``. The allow-list must hold the functions numpy's pickles name, on either numpy."""
+    monkeypatch.setattr(np, '_core', types.ModuleType('numpy._core'), raising=False)
+    allowed = mmengine_safe_globals()
+    assert np.zeros(0).__reduce__()[0] in allowed and np.int64(0).__reduce__()[0] in allowed
