@@ -5,18 +5,21 @@
 #   bash tools/compat_check.sh [VERSION ...]    VERSION: a torch release, `lowest` or `newest` (default: both)
 #
 # `lowest` is SUPPORTED's lower bound; `newest` is the newest torch on the index below SUPPORTED's upper bound. Each
-# venv gets that torch from the index (on Linux x86_64 a CUDA build: several GB the first time, cached by pip),
-# numpy<2 for torch < 2.3 (built against numpy 1.x), setuptools>=77,<81, pure-Python mmcv 2.1.0 (MMCV_WITH_OPS=0,
-# nothing compiled), mmengine 0.10.7 and mmdet 3.3.0, all three with --no-deps, the pure-Python packages they need,
-# and pytest; `pip check` must pass. cbn_mmdet itself comes from this checkout through PYTHONPATH. A second run with
-# the same script reuses the venv and only runs the tests.
+# venv gets that torch from the index (on Linux x86_64 a CUDA build with its nvidia packages: several GB),
+# numpy<2 for torch < 2.3 (built against numpy 1.x), setuptools>=77,<81, pure-Python mmcv 2.1.0, mmengine 0.10.7 and
+# mmdet 3.3.0, all three with --no-deps, the pure-Python packages they need, and pytest; `pip check` must pass.
+# mmcv is built from its sdist with MMCV_WITH_OPS=0, which compiles nothing and names the distribution mmcv-lite
+# (so pip cannot install it as `mmcv==2.1.0`: the sdist is downloaded first), without pip's cache, which may hold an
+# mmcv 2.1.0 wheel built with ops for another torch. cbn_mmdet itself comes from this checkout through PYTHONPATH.
+# A second run reuses the venv, unless install() below has changed, and only runs the tests.
 #
 # pip runs with PIP_CONSTRAINT set to an empty file: a constraint file in pip's configuration (this machine caps torch
 # at 2.14.1 in /etc/xdg/pip) would otherwise refuse the torch asked for. The rest of pip's configuration applies.
 #
-# A test that fails only because mmcv lacks its compiled ops ("No module named 'mmcv._ext'") is reported as skipped,
-# with that reason (tools/compat_pytest_plugin.py). Results: work_dirs/compat/<torch>/result.md, one Markdown row per
-# torch (the table in docs/compat.md), and work_dirs/compat/<torch>/pytest.log. Exit status 1 if any test failed.
+# A test that fails only for want of mmcv's compiled ops ("No module named 'mmcv._ext'") or of a feature the lowest
+# torch lacks is reported as skipped, with the reason (tools/compat_pytest_plugin.py lists the signatures). Results:
+# work_dirs/compat/<torch>/result.md (one Markdown row per torch, as in docs/compat.md), .../<torch>/pytest.log and
+# work_dirs/compat/install-<torch>.log. Exit status 1 if any test failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -69,30 +72,39 @@ say "torch range torch>=$LOW,<$HIGH; checking ${versions[*]}"
 mkdir -p "$OUT"
 : > "$OUT/no-constraints.txt"
 
-key=$(cat tools/compat_check.sh | sha1sum | cut -c1-16)
+install() {  # install() TORCH VENV: the venv for one torch; its text is the key of the stamp that says it is done
+  local v=$1 venv=$2 numpy=numpy
+  local py=$venv/bin/python
+  local pip=("$py" -m pip install -q)
+  older_than "$v" 2.3 && numpy='numpy<2'
+  rm -rf "$venv"
+  "$PYTHON" -m venv "$venv" &&
+    "${pip[@]}" --upgrade pip &&
+    "${pip[@]}" "torch==$v" &&
+    "${pip[@]}" "torch==$v" "$numpy" 'setuptools>=77,<81' \
+      addict matplotlib opencv-python packaging Pillow pycocotools pytest pyyaml rich scipy shapely six \
+      termcolor terminaltables tqdm yapf &&
+    "$py" -m pip download -q --no-deps --no-build-isolation --no-binary mmcv --no-cache-dir -d "$venv/sdist" \
+      mmcv==2.1.0 &&
+    MMCV_WITH_OPS=0 "${pip[@]}" --no-build-isolation --no-deps --no-cache-dir "$venv/sdist/mmcv-2.1.0.tar.gz" &&
+    "${pip[@]}" --no-deps mmengine==0.10.7 mmdet==3.3.0 &&
+    "$py" -m pip check &&
+    "$py" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mmcv._ext') is not None and
+              'mmcv has compiled ops: pip installed a wheel built with MMCV_WITH_OPS=1')"
+}
+
+key=$(declare -f install older_than | sha1sum | cut -c1-16)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -z "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] || commit="$commit (with uncommitted changes)"
 status=0
 for v in "${versions[@]}"; do
   venv=$OUT/$v
   py=$venv/bin/python
-  pip=("$py" -m pip install -q)
   if [ ! -f "$venv/.compat-$key" ]; then
-    say "torch $v: creating $venv (log: $venv/install.log)"
-    rm -rf "$venv"
-    "$PYTHON" -m venv "$venv"
-    numpy=numpy
-    older_than "$v" 2.3 && numpy='numpy<2'
+    say "torch $v: creating $venv (log: $OUT/install-$v.log)"
     t0=$(date +%s)
-    { "${pip[@]}" --upgrade pip &&
-      "${pip[@]}" "torch==$v" &&
-      "${pip[@]}" "torch==$v" "$numpy" 'setuptools>=77,<81' \
-        addict matplotlib opencv-python packaging Pillow pycocotools pytest pyyaml rich scipy shapely six \
-        termcolor terminaltables tqdm yapf &&
-      MMCV_WITH_OPS=0 "${pip[@]}" --no-build-isolation --no-deps mmcv==2.1.0 &&
-      "${pip[@]}" --no-deps mmengine==0.10.7 mmdet==3.3.0 &&
-      "$py" -m pip check; } > "$venv/install.log" 2>&1 ||
-      { say "torch $v: install failed, see $venv/install.log"; tail -5 "$venv/install.log"; exit 1; }
+    install "$v" "$venv" > "$OUT/install-$v.log" 2>&1 ||
+      { say "torch $v: install failed, see $OUT/install-$v.log"; tail -5 "$OUT/install-$v.log"; exit 1; }
     echo $(( $(date +%s) - t0 )) > "$venv/.compat-$key"
   fi
   installed=$(cat "$venv/.compat-$key")  # seconds the install took, when it ran
@@ -105,27 +117,34 @@ for v in "${versions[@]}"; do
   set -e
   took=$(( $(date +%s) - start ))
   [ $rc -eq 0 ] || status=1
-  PYTHONPATH=$ROOT "$py" - "$venv" "$rc" "$took" "$installed" "$commit" <<'EOF'
+  "$py" - "$venv" "$rc" "$took" "$installed" "$commit" <<'EOF'
 """One Markdown row of results for docs/compat.md, and the skip reasons, from pytest's junit XML."""
 import collections
 import datetime
 import platform
+import re
 import sys
 import xml.etree.ElementTree as ET
-from importlib import metadata
+from importlib import metadata, util
+
+spec = util.spec_from_file_location('stack', 'cbn_mmdet/utils/stack.py')  # without importing (and checking) cbn_mmdet
+stack = util.module_from_spec(spec)
+spec.loader.exec_module(stack)
 
 venv, rc, took, installed, commit = sys.argv[1:]
 suite = ET.parse(f'{venv}/junit.xml').getroot()
 suite = suite if suite.tag == 'testsuite' else suite.find('testsuite')
 cases = suite.findall('testcase')
 outcome = collections.Counter()
-reasons = collections.Counter()
-for case in cases:
+for case in cases:  # a module skipped at collection counts as one
     kinds = [child.tag for child in case if child.tag in ('failure', 'error', 'skipped')]
     outcome[kinds[0] if kinds else 'passed'] += 1
-    for child in case.findall('skipped'):
-        reasons[child.get('message', '')] += 1
-versions = {name: metadata.version(name) for name in ('torch', 'numpy', 'mmcv', 'mmengine', 'mmdet')}
+reasons = collections.defaultdict(lambda: [0, set()])  # from pytest's -ra summary: "SKIPPED [n] path:line: reason"
+with open(f'{venv}/pytest.log') as f:
+    for match in re.finditer(r'^SKIPPED \[(\d+)\] ([^:]+):\d+: (.*)$', f.read(), re.M):
+        reasons[match[3]][0] += int(match[1])
+        reasons[match[3]][1].add(match[2])
+versions = dict(stack.installed_versions(), numpy=metadata.version('numpy'))
 row = (f"| {versions['torch']} | {platform.python_version()} | {versions['numpy']} | {outcome['passed']} | "
        f"{outcome['failure'] + outcome['error']} | {outcome['skipped']} | {took} s | {installed} s | "
        f"{datetime.date.today()} | {commit} |")
@@ -135,9 +154,12 @@ print(f"torch {versions['torch']}, mmcv {versions['mmcv']}, mmengine {versions['
       f"mmdet {versions['mmdet']}: pytest exit {rc}, {len(cases)} tests")
 print('| torch | Python | numpy | passed | failed | skipped | tests wall | install wall | date | commit |')
 print(row)
-for reason, n in sorted(reasons.items(), key=lambda item: -item[1]):
-    print(f'  skipped {n}: {reason}')
+for reason, (n, paths) in sorted(reasons.items(), key=lambda item: -item[1][0]):
+    print(f"  skipped {n}: {reason} [{', '.join(sorted(paths))}]")
 EOF
-  [ $rc -eq 0 ] || { say "torch $v: tests failed, see $venv/pytest.log"; grep -E '^(FAILED|ERROR) ' "$venv/pytest.log" || true; }
+  if [ $rc -ne 0 ]; then
+    say "torch $v: tests failed, see $venv/pytest.log"
+    grep -E '^(FAILED|ERROR) ' "$venv/pytest.log" || true
+  fi
 done
 exit $status

@@ -1,4 +1,5 @@
-"""`make compat` without downloading anything: the pytest plugin that skips for want of mmcv's ops, and the range check.
+"""`make compat` without downloading anything: the pytest plugin that skips for want of mmcv ops or a newer torch,
+and the range check.
 
 The compatibility run itself (tools/compat_check.sh: a venv per torch, several GB) is kept out of `make test`; its
 results are in docs/compat.md.
@@ -31,6 +32,10 @@ def test_passes():
     pass
 
 
+def test_needs_a_newer_torch():
+    raise AttributeError("module 'torch.amp' has no attribute 'GradScaler'")
+
+
 @pytest.fixture
 def detector():
     raise ModuleNotFoundError("No module named 'mmcv._ext'")
@@ -41,7 +46,7 @@ def test_fixture_needs_ops(detector):
 '''
 
 
-def test_plugin_skips_only_failures_for_want_of_mmcv_ops(tmp_path):
+def test_plugin_skips_only_failures_for_want_of_what_the_venv_lacks(tmp_path):
     (tmp_path / 'test_sample.py').write_text(TESTS)
     (tmp_path / 'test_module_needs_ops.py').write_text("raise ModuleNotFoundError(\"No module named 'mmcv._ext'\")\n")
     junit = tmp_path / 'junit.xml'
@@ -54,8 +59,10 @@ def test_plugin_skips_only_failures_for_want_of_mmcv_ops(tmp_path):
         kinds = [child.tag for child in case if child.tag in ('failure', 'error', 'skipped')]
         outcomes[case.get('name')] = kinds[0] if kinds else 'passed'
     assert outcomes == {'test_needs_ops': 'skipped', 'test_fails_otherwise': 'failure', 'test_passes': 'passed',
-                        'test_fixture_needs_ops': 'skipped', 'test_module_needs_ops': 'skipped'}, outcomes
+                        'test_needs_a_newer_torch': 'skipped', 'test_fixture_needs_ops': 'skipped',
+                        'test_module_needs_ops': 'skipped'}, outcomes
     assert proc.stdout.count('needs mmcv with compiled ops') == 3, proc.stdout  # the reasons are printed
+    assert 'the test uses torch.amp.GradScaler' in proc.stdout
 
 
 @pytest.mark.parametrize('version', [SUPPORTED['torch'][1], '1.13.1'])
