@@ -13,6 +13,7 @@ load (:func:`allow_listed`).
   all. There the loader uses ``weights_only=False``, which is those torches' default and what mmengine's own loader
   does, and warns that a checkpoint can then run code: load only files you trust, or use torch >= 2.4.
 """
+import codecs
 import os.path as osp
 import warnings
 from contextlib import contextmanager
@@ -36,12 +37,14 @@ def mmengine_safe_globals() -> List:
 
     numpy's array and scalar rebuild functions are taken from what numpy pickles (``__reduce__``), not from a module
     path: they live in ``numpy.core.multiarray`` in numpy 1.x, whose ``numpy._core`` is a stub once something
-    imports it, and in ``numpy._core.multiarray`` in numpy 2.
+    imports it, and in ``numpy._core.multiarray`` in numpy 2. ``codecs.encode`` (``_codecs.encode``) turns the str
+    that pickle protocol 2 writes for numpy's bytes back into bytes; torch allows it by default from 2.5, not in 2.4.
     """
     reconstruct = np.zeros(0).__reduce__()[0]
     scalar = np.int64(0).__reduce__()[0]
     dtype_classes = {type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG'}
-    return [getattr, HistoryBuffer, np.ndarray, np.dtype, reconstruct, scalar, *sorted(dtype_classes, key=str)]
+    return [getattr, codecs.encode, HistoryBuffer, np.ndarray, np.dtype, reconstruct, scalar,
+            *sorted(dtype_classes, key=str)]
 
 
 def has_allow_list() -> bool:
