@@ -1,10 +1,10 @@
 # The two commands of the README: `make demo` and `make test`. Both set up .venv/ on their own (idempotent).
 # `make compat` (not part of `make test`: it downloads torch) runs the layer, engine and checkpoint tests on the lowest
-# and the newest supported torch, in venvs of their own (tools/compat_check.sh, results in docs/compat.md).
+# and the newest supported torch and on 2.4.1, in venvs of their own (tools/compat_check.sh, results in docs/compat.md).
+# `make compat COMPAT_TORCH="2.3.1 newest"` checks other torches.
 PY := .venv/bin/python
 
 .PHONY: venv demo test compat clean-data
-COMPAT_TORCH ?= lowest newest
 
 venv:
 	@bash tools/setup_env.sh

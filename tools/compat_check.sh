@@ -2,9 +2,11 @@
 # `make compat`: the layer, engine and checkpoint tests (tests/models tests/ops tests/engine tests/utils) on the lowest
 # and the newest torch that cbn_mmdet/utils/stack.py accepts, each in a venv of its own in work_dirs/compat/<torch>/.
 #
-#   bash tools/compat_check.sh [VERSION ...]    VERSION: a torch release, `lowest` or `newest` (default: both)
+#   bash tools/compat_check.sh [VERSION ...]    VERSION: a torch release, `lowest` or `newest`
 #
-# `lowest` is SUPPORTED's lower bound; `newest` is the newest torch on the index below SUPPORTED's upper bound. Each
+# `lowest` is SUPPORTED's lower bound; `newest` is the newest torch on the index below SUPPORTED's upper bound. The
+# default, `lowest 2.4.1 newest`, adds the oldest torch with a weights_only allow-list (add_safe_globals), where the
+# checkpoint loader's allow-list runs without the defaults torch 2.5 added (cbn_mmdet/utils/checkpoint.py). Each
 # venv gets that torch from the index (on Linux x86_64 a CUDA build with its nvidia packages: several GB),
 # numpy<2 for torch < 2.3 (built against numpy 1.x), setuptools>=77,<81, pure-Python mmcv 2.1.0, mmengine 0.10.7 and
 # mmdet 3.3.0, all three with --no-deps, the pure-Python packages they need, and pytest; `pip check` must pass.
@@ -54,7 +56,7 @@ newest() {  # the newest torch release on the index in [LOW, HIGH), without down
   rm -f "$report"
 }
 
-[ $# -gt 0 ] || set -- lowest newest
+[ $# -gt 0 ] || set -- lowest 2.4.1 newest
 versions=()
 for v in "$@"; do
   case $v in
