@@ -15,10 +15,15 @@ def test_missing_mmcv_names_supported_ranges():
 
 
 @pytest.mark.parametrize('name, version', [('mmcv', '2.2.0'), ('mmdet', '2.28.2'), ('mmengine', '0.9.0'),
-                                           ('torch', '1.13.1')])
+                                           ('torch', '1.13.1'), ('torch', '2.0.1'), ('torch', '2.16.0')])
 def test_wrong_version_names_it(name, version):
     with pytest.raises(ImportError, match=f'{name} {version} is installed'):
         check_stack(dict(GOOD, **{name: version}), has_mmcv_ops=True)
+
+
+@pytest.mark.parametrize('torch', ['2.1.0', '2.15.0', '2.15.0+cu130'])
+def test_the_ends_of_the_torch_range_make_compat_checks_are_accepted(torch):
+    check_stack(dict(GOOD, torch=torch), has_mmcv_ops=True)  # docs/compat.md
 
 
 def test_mmcv_without_ops_warns():
@@ -46,7 +51,7 @@ def test_error_tells_users_of_their_own_environment_what_to_do():
     with pytest.raises(ImportError) as info:
         check_stack(dict(GOOD, mmcv='2.2.0'), has_mmcv_ops=True)
     message = str(info.value)
-    assert message.startswith('cbn_mmdet supports torch>=2.1.0,<2.15.0, mmengine>=0.10.0,<0.11.0, '
+    assert message.startswith('cbn_mmdet supports torch>=2.1.0,<2.16.0, mmengine>=0.10.0,<0.11.0, '
                               'mmcv>=2.0.0,<2.2.0, mmdet>=3.0.0,<3.4.0, but mmcv 2.2.0 is installed.')
     assert 'In your own environment, install versions in these ranges' in message
 
