@@ -16,8 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import ConvSpec, batch_moments, cbn_normalize
 from ..ops._common import autocast_active
-from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, history_terms, running_update,
-                         store_entry, window_sums)
+from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, history_terms, lerp_pair,
+                         running_update, store_entry, window_sums)
 from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
 from .options import check_backward, check_window_size, find_module_path, positive_int
@@ -497,8 +497,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                 else:
                     factor = self.momentum
                 new = new if new.dtype == mean.dtype else new.to(mean.dtype)
-                torch._foreach_lerp_([mean, var], [torch.where(ok, new[0], mean), torch.where(ok, new[1], var)],
-                                     factor)
+                lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)
         return y
 
     def normalize(self, x: Tensor, stats: WindowStats, conv: Optional[ConvSpec]) -> Tensor:

@@ -38,7 +38,7 @@ from .normalize import HistoryGrad
 
 __all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
            'fill_entry', 'compensate_bank', 'window_sums', 'all_finite', 'history_terms', 'store_entry',
-           'running_update']
+           'running_update', 'lerp_pair']
 
 A, R, S, MU, E, Q, ONE, M = range(8)
 FIELDS = 8
@@ -239,4 +239,14 @@ def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, fact
         factor = factor.to(mean.dtype) if isinstance(factor, Tensor) else factor
     else:
         new = [torch.where(ok, sv.mu_bar, mean), torch.where(ok, sv.var_bar, var)]
-    torch._foreach_lerp_([mean, var], new, factor)
+    lerp_pair(mean, var, new, factor)
+
+
+def lerp_pair(mean: Tensor, var: Tensor, new, factor) -> None:
+    """``buf += factor * (new - buf)`` for both buffers: one multi-tensor op for a float ``factor``; two lerps for a
+    device ``factor`` (``momentum=None``), which not every torch's multi-tensor lerp takes."""
+    if isinstance(factor, Tensor):
+        mean.lerp_(new[0], factor)
+        var.lerp_(new[1], factor)
+    else:
+        torch._foreach_lerp_([mean, var], list(new), factor)
