@@ -25,7 +25,21 @@ def _move(t: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
     return moved if moved.dtype == t.dtype else t.to(moved.device)
 
 
-class Workspace:
+class _HoldsViews:
+    """Holds ``views`` of its own tensors. Plain pickle stores each view's storage apart, so the views are not
+    pickled but rebuilt."""
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state['views']
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.views = self._views()
+
+
+class Workspace(_HoldsViews):
     """One layer's scratch for a training forward: ``work = [gp entry (C + g, D) | entry (F, C) | sums (4, C)]``,
     the exact backward's coefficient buffer ``hbuf`` (T, 2C + 1), and a 0-dim zero. Shared by the layer's call
     positions, which run one after another; nothing in it is saved for the backward."""
@@ -46,14 +60,8 @@ class Workspace:
         self.views.entry[ONE] = 1
         self._m: Optional[int] = None
 
-    def __getstate__(self):  # plain pickle stores each view's storage apart: the views are rebuilt instead
-        state = dict(self.__dict__)
-        del state['views']
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.views = ScratchViews(self.work, self.hbuf, *self._shape)
+    def _views(self) -> ScratchViews:
+        return ScratchViews(self.work, self.hbuf, *self._shape)
 
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
@@ -67,7 +75,7 @@ class Workspace:
         self.views = ScratchViews(self.work, self.hbuf, *self._shape)
 
 
-class WindowBank:
+class WindowBank(_HoldsViews):
     """The last ``capacity`` iterations of one call position, as a ring of static slots.
 
     ``stats`` (T, F, C) and, when compensating, ``gp`` (C + g, T, D): see :mod:`cbn_mmdet.ops.fused`. ``count`` and
@@ -90,14 +98,8 @@ class WindowBank:
         self.count = 0
         self.next = 0
 
-    def __getstate__(self):  # plain pickle stores each view's storage apart: the views are rebuilt instead
-        state = dict(self.__dict__)
-        del state['views']
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self.views = BankViews(self.stats, self.gp, self.groups)
+    def _views(self) -> BankViews:
+        return BankViews(self.stats, self.gp, self.groups)
 
     @property
     def compensating(self) -> bool:
