@@ -4,16 +4,18 @@ The hook never does math: it tells each CBN layer, before every training iterati
 its window and whether to collect history, and it moves the windows in and out of checkpoints.
 """
 import math
-from typing import Dict, Iterable, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
-from mmengine.hooks import Hook
+from mmengine.dist import all_gather_object, get_rank, get_world_size
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
 from ..models import CrossIterationBatchNorm2d
 from ..models.options import check_window_size, positive_int
 
-CHECKPOINT_KEY = 'cbn_windows'
+CHECKPOINT_KEY = 'cbn_windows'  # rank 0's windows (every reader since the first release reads this key)
+PER_RANK_KEY = 'cbn_windows_per_rank'  # dict(world_size=W, ranks=[rank 0's windows, rank 1's, ...])
 # how often CBNBurnInHook reads the layers' device counters of checkpoint replays that saw another input (CUDA)
 REPLAY_CHECK_INTERVAL = 100
 _CBN_TYPES = ('CBN', 'CrossIterationBatchNorm2d', CrossIterationBatchNorm2d)
@@ -56,6 +58,17 @@ class CBNBurnInHook(Hook):
     position; checkpoints written before per-call windows restore the first position). The iteration index comes
     from the runner, so the burn-in position resumes with it.
 
+    Each rank keeps its own windows. mmengine writes checkpoints on rank 0 only (``Runner.save_checkpoint`` is
+    ``master_only``), so in a distributed run the hook gathers every rank's windows (``all_gather_object``) just
+    before each save: after the training iteration, epoch or validation after which the runner's ``CheckpointHook``
+    saves, as its ``interval``, ``by_epoch``, ``save_begin``, ``save_last`` and ``save_best`` say, and at no other
+    time (windows are large). The checkpoint holds rank 0's windows under ``'cbn_windows'``, as before, and every
+    rank's under ``'cbn_windows_per_rank'`` (``dict(world_size=W, ranks=[...])``, indexed by rank). On resume with
+    the same world size each rank restores its own windows; with another world size every rank restores rank 0's,
+    and the hook logs both sizes. Checkpoints without per-rank windows (written before them, or by a 1-process run)
+    restore ``'cbn_windows'`` on every rank. A window written with another window size keeps the configured one
+    (see :meth:`CrossIterationBatchNorm2d.set_window_state`), and the hook logs it.
+
     Args:
         burnin_epochs (int, optional): Burn-in length in epochs (the paper uses 3 on COCO).
         burnin_iters (int, optional): Burn-in length in iterations. Give exactly one of the two.
@@ -85,6 +98,10 @@ class CBNBurnInHook(Hook):
         self._burnin: Optional[int] = None
         self._opened_logged = False
         self._layers = None  # (name, layer) pairs, found once in before_run
+        # every rank's window states, gathered for the checkpoint that is about to be saved (kept on rank 0 only);
+        # _gathered says, on every rank alike, that no training iteration has run since the gather
+        self._per_rank: Optional[List[Dict[str, dict]]] = None
+        self._gathered = False
 
     # ------------------------------------------------------------------ set-up
     def before_run(self, runner) -> None:
@@ -134,6 +151,7 @@ class CBNBurnInHook(Hook):
 
     # ------------------------------------------------------------------ every iteration
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        self._per_rank, self._gathered = None, False  # the windows change from here on
         it = runner.iter
         burnin = self._burnin or 0
         if self._layers is None:
@@ -149,20 +167,87 @@ class CBNBurnInHook(Hook):
         if (runner.iter + 1) % REPLAY_CHECK_INTERVAL == 0:  # a rare host read, never per iteration
             for _, layer in self._layers or ():
                 layer.check_replays()
+        saver = self._checkpoint_hook(runner)
+        if saver is not None and not saver.by_epoch and (
+                self.every_n_train_iters(runner, saver.interval, saver.save_begin)
+                or (saver.save_last and self.is_last_train_iter(runner))):
+            self._gather_windows(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        saver = self._checkpoint_hook(runner)
+        if saver is not None and saver.by_epoch and (
+                self.every_n_epochs(runner, saver.interval, saver.save_begin)
+                or (saver.save_last and self.is_last_train_epoch(runner))):
+            self._gather_windows(runner)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        saver = self._checkpoint_hook(runner)
+        if saver is not None and saver.save_best and metrics:  # CheckpointHook may save the best checkpoint now
+            self._gather_windows(runner)
+
+    def after_train(self, runner) -> None:
+        self._per_rank, self._gathered = None, False
 
     # ------------------------------------------------------------------ checkpoints
+    @staticmethod
+    def _checkpoint_hook(runner) -> Optional[CheckpointHook]:
+        return next((h for h in getattr(runner, 'hooks', ()) if isinstance(h, CheckpointHook)), None)
+
+    def _gather_windows(self, runner) -> None:
+        """Every rank's window states onto rank 0, for the checkpoint rank 0 is about to write (a collective: all
+        ranks call it at the same point, decided from settings that are the same on every rank)."""
+        if self._gathered or get_world_size() == 1:
+            return
+        states = {name: layer.get_window_state() for name, layer in cbn_layers(runner.model)}
+        gathered = all_gather_object(states)
+        self._gathered = True
+        self._per_rank = gathered if get_rank() == 0 else None
+
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         for _, layer in cbn_layers(runner.model):
             layer.check_replays()
+        if self._per_rank is not None:
+            # one object under both keys: torch.save stores rank 0's windows once
+            checkpoint[CHECKPOINT_KEY] = self._per_rank[0]
+            checkpoint[PER_RANK_KEY] = dict(world_size=len(self._per_rank), ranks=self._per_rank)
+            return
         checkpoint[CHECKPOINT_KEY] = {name: layer.get_window_state() for name, layer in cbn_layers(runner.model)}
+        if get_world_size() > 1:
+            runner.logger.warning(
+                f"CBNBurnInHook: this checkpoint holds only rank 0's CBN windows (of {get_world_size()} ranks): it is "
+                "saved where the CheckpointHook's settings announce no save; resuming from it restores them on every "
+                'rank')
+
+    def _states_for_this_rank(self, runner, checkpoint: dict) -> Tuple[Dict[str, dict], str]:
+        """The window states this rank restores, and where they come from, for the log."""
+        world, rank = get_world_size(), get_rank()
+        per_rank = checkpoint.get(PER_RANK_KEY)
+        if isinstance(per_rank, dict) and per_rank.get('ranks'):
+            saved = per_rank.get('world_size', len(per_rank['ranks']))
+            if saved == world and len(per_rank['ranks']) == world:
+                return per_rank['ranks'][rank] or {}, f'each rank its own, {world} ranks'
+            runner.logger.warning(f'CBNBurnInHook: the checkpoint holds the CBN windows of {saved} ranks, this run '
+                                  f"has {world}: every rank restores rank 0's windows")
+            return per_rank['ranks'][0] or {}, f"rank 0's of {saved} ranks on each of {world}"
+        states = checkpoint.get(CHECKPOINT_KEY) or {}
+        if world > 1 and states:
+            return states, f'one set of windows, without per-rank windows, on each of {world} ranks'
+        return states, ''
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
-        states: Dict[str, dict] = checkpoint.get(CHECKPOINT_KEY) or {}
+        states, source = self._states_for_this_rank(runner, checkpoint)
         layers = dict(cbn_layers(runner.model))
         restored = 0
+        notes = []
         for name, state in states.items():
             if name in layers:
-                layers[name].set_window_state(state)
+                note = layers[name].set_window_state(state)
+                if note:
+                    notes.append(note)
                 restored += any(sub.get('count', 0) > 0 for sub in [state, *(state.get('later_calls') or ())])
         if states:
-            runner.logger.info(f'CBNBurnInHook: restored the windows of {restored} CBN layers from the checkpoint')
+            runner.logger.info(f'CBNBurnInHook: restored the windows of {restored} CBN layers from the checkpoint'
+                               + (f' ({source})' if source else ''))
+        if notes:
+            runner.logger.warning(f'CBNBurnInHook: {len(notes)} CBN layers were configured with another window '
+                                  f'size than the checkpoint holds, e.g. {notes[0]}')

@@ -1,10 +1,12 @@
 """CBNBurnInHook: bad settings first, then burn-in, auto window, checkpoints and resume on a tiny Runner."""
 import copy
 import os.path as osp
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn as nn
+from mmengine.hooks import CheckpointHook
 from mmengine.model import BaseModel
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
@@ -12,7 +14,10 @@ from torch.utils.data import Dataset
 
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet import CBNBurnInHook, CrossIterationBatchNorm2d
-from cbn_mmdet.engine import config_uses_cbn
+from cbn_mmdet.engine import cbn_layers, config_uses_cbn
+from cbn_mmdet.engine import hooks as hooks_module
+
+from ..models.common import same_windows
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -140,12 +145,14 @@ def test_config_uses_cbn():
     assert not config_uses_cbn(dict(a=[dict(norm_cfg=dict(type='BN'))]))
 
 
-def test_checkpoint_holds_windows_and_resume_restores_them(tmp_path):
+def test_checkpoint_holds_windows_and_resume_restores_them(tmp_path, monkeypatch):
     k = 4
     runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=2), k=k, max_iters=6)
+    monkeypatch.setattr(hooks_module, 'all_gather_object', None)  # a 1-process run gathers nothing
     runner.train()
     ckpt = torch.load(osp.join(tmp_path, 'iter_6.pth'), weights_only=False)
     assert set(ckpt['cbn_windows']) == {'bn1', 'bn2'} and ckpt['cbn_windows']['bn1']['count'] == k - 1
+    assert 'cbn_windows_per_rank' not in ckpt
     assert set(ckpt['state_dict']) == set(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).state_dict()) \
         or 'bn1.running_mean' in ckpt['state_dict']
     saved = copy.deepcopy(runner.model.bn1.get_window_state())
@@ -208,3 +215,163 @@ def test_checkpoint_holds_per_call_windows_and_resume_restores_them(tmp_path):
     resumed.train()
     assert log[:2] == [(5, [k - 1, k - 1], 2), True]  # resumed with both positions' windows, unchanged
     assert model.bn2.window_lengths == [k - 1, k - 1]
+
+
+# ---------------------------------------------------------------------- every rank's windows (a faked world)
+class Log:
+    """A runner.logger that keeps its lines."""
+
+    def __init__(self):
+        self.lines = []
+
+    def info(self, msg):
+        self.lines.append(('info', msg))
+
+    def warning(self, msg):
+        self.lines.append(('warning', msg))
+
+
+def fake_world(monkeypatch, world, rank, others=None):
+    """get_world_size/get_rank of the hook's module faked; all_gather_object returns this rank's states at
+    ``rank`` and ``others(states, r)`` at every other rank r. Returns the list of gathers."""
+    gathers = []
+
+    def gather(states):
+        gathers.append(states)
+        return [states if r == rank else others(states, r) for r in range(world)]
+
+    monkeypatch.setattr(hooks_module, 'get_world_size', lambda: world)
+    monkeypatch.setattr(hooks_module, 'get_rank', lambda: rank)
+    monkeypatch.setattr(hooks_module, 'all_gather_object', gather)
+    return gathers
+
+
+def shifted(states, r):
+    """Another rank's windows: a tensor that a window keeps as it is (the kernel gradient of s of a compensating
+    layer, else the mean) shifted by r."""
+    out = copy.deepcopy(states)
+    for state in out.values():
+        for sub in [state, *(state.get('later_calls') or ())]:
+            key = 'g_s' if 'g_s' in sub['tensors'] else 'mu'
+            if key in sub['tensors']:
+                sub['tensors'][key] = sub['tensors'][key] + r
+    return out
+
+
+def windows_of(model):
+    return {name: layer.get_window_state() for name, layer in cbn_layers(model)}
+
+
+@pytest.mark.parametrize('by_epoch', [False, True])
+def test_distributed_run_gathers_every_ranks_windows_only_when_a_checkpoint_is_due(tmp_path, monkeypatch,
+                                                                                    by_epoch):
+    gathers = fake_world(monkeypatch, 2, 0, shifted)
+    seen = []
+    if by_epoch:  # 4 iterations an epoch; saves after epoch 2 (interval) and 3 (the last)
+        extra = dict(train_cfg=dict(by_epoch=True, max_epochs=3),
+                     train_dataloader=dict(dataset=Noise(), sampler=dict(type='DefaultSampler', shuffle=True),
+                                           batch_size=2, collate_fn=dict(type='default_collate')),
+                     default_hooks=dict(checkpoint=dict(type='CheckpointHook', by_epoch=True, interval=2)))
+        saves, name = [8, 12], 'epoch_2.pth'  # runner.iter at each save
+    else:  # saves after iterations 2 and 5 (interval 3 from save_begin 2) and 7 (the last)
+        extra = dict(default_hooks=dict(
+            checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=3, save_begin=2)))
+        saves, name = [1, 4, 6], 'iter_2.pth'
+    runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=2), k=3, max_iters=7, extra=extra)
+    original = runner.save_checkpoint
+
+    def save(*args, **kwargs):
+        seen.append((runner.iter, copy.deepcopy(windows_of(runner.model))))
+        return original(*args, **kwargs)
+
+    runner.save_checkpoint = save
+    runner.train()
+    assert [it for it, _ in seen] == saves and len(gathers) == len(saves)  # once for each save, never between
+    hook = next(h for h in runner.hooks if isinstance(h, CBNBurnInHook))
+    assert hook._per_rank is None  # not kept past the run
+    ckpt = torch.load(osp.join(tmp_path, name), weights_only=False)
+    per_rank = ckpt['cbn_windows_per_rank']
+    assert per_rank['world_size'] == 2 and ckpt['cbn_windows'] is per_rank['ranks'][0]  # stored once
+    mine = seen[0][1]
+    assert same_windows(per_rank['ranks'][0], mine) and mine['bn1']['count'] == 2
+    assert same_windows(per_rank['ranks'][1], shifted(mine, 1))
+
+
+def test_gather_for_the_best_checkpoint_and_warning_for_an_unforeseen_save(monkeypatch):
+    gathers = fake_world(monkeypatch, 2, 1, shifted)
+    model, log = TinyNet(), Log()
+    runner = SimpleNamespace(model=model, logger=log, hooks=[CheckpointHook(interval=5, save_best='acc')])
+    hook = CBNBurnInHook(burnin_iters=0)
+    hook.after_val_epoch(runner, {})
+    assert not gathers
+    hook.after_val_epoch(runner, {'acc': 0.5})
+    hook.after_val_epoch(runner, {'acc': 0.5})  # nothing trained since: no second gather
+    assert len(gathers) == 1 and hook._per_rank is None  # rank 1 keeps nothing
+
+    runner.hooks = []  # no CheckpointHook, nothing foreseen: rank 0's windows alone, said so
+    checkpoint = {}
+    fake_world(monkeypatch, 2, 0)
+    hook.before_save_checkpoint(runner, checkpoint)
+    assert set(checkpoint) == {'cbn_windows'}
+    assert log.lines[-1][0] == 'warning' and "only rank 0's CBN windows" in log.lines[-1][1]
+
+
+@pytest.fixture(scope='module')
+def window_states(tmp_path_factory):
+    """Windows of a k=4 TinyNet after 5 iterations (3 iterations each)."""
+    runner = make_runner(tmp_path_factory.mktemp('states'), dict(type='CBNBurnInHook', burnin_iters=2), k=4,
+                         max_iters=5)
+    runner.train()
+    states = windows_of(runner.model)
+    assert all(state['count'] == 3 for state in states.values())
+    return states
+
+
+def load(states_checkpoint, k=4):
+    model, log = TinyNet(k), Log()
+    CBNBurnInHook(burnin_iters=0).after_load_checkpoint(SimpleNamespace(model=model, logger=log),
+                                                         states_checkpoint)
+    return windows_of(model), log.lines
+
+
+def per_rank_checkpoint(states, world):
+    ranks = [shifted(states, r) for r in range(world)]
+    return {'cbn_windows': ranks[0], 'cbn_windows_per_rank': dict(world_size=world, ranks=ranks)}
+
+
+@pytest.mark.parametrize('rank', [0, 1])
+def test_resume_on_the_same_world_size_restores_each_ranks_own_windows(window_states, monkeypatch, rank):
+    fake_world(monkeypatch, 2, rank)
+    restored, lines = load(per_rank_checkpoint(window_states, 2))
+    assert same_windows(restored, shifted(window_states, rank))
+    assert lines == [('info', 'CBNBurnInHook: restored the windows of 2 CBN layers from the checkpoint '
+                              '(each rank its own, 2 ranks)')]
+
+
+@pytest.mark.parametrize('world, rank', [(3, 2), (1, 0)])
+def test_resume_on_another_world_size_restores_rank_0s_windows_on_every_rank(window_states, monkeypatch, world,
+                                                                               rank):
+    fake_world(monkeypatch, world, rank)
+    restored, lines = load(per_rank_checkpoint(window_states, 2))
+    assert same_windows(restored, window_states)  # rank 0's (shifted by 0)
+    assert lines[0] == ('warning', f'CBNBurnInHook: the checkpoint holds the CBN windows of 2 ranks, this run has '
+                                   f"{world}: every rank restores rank 0's windows")
+    assert lines[1][1].endswith(f"(rank 0's of 2 ranks on each of {world})")
+
+
+@pytest.mark.parametrize('world, rank', [(1, 0), (2, 1)])
+def test_old_checkpoint_restores_its_one_set_of_windows_on_every_rank(window_states, monkeypatch, world, rank):
+    fake_world(monkeypatch, world, rank)
+    restored, lines = load({'cbn_windows': window_states})
+    assert same_windows(restored, window_states)
+    source = '' if world == 1 else ' (one set of windows, without per-rank windows, on each of 2 ranks)'
+    assert lines == [('info', f'CBNBurnInHook: restored the windows of 2 CBN layers from the checkpoint{source}')]
+
+
+def test_windows_of_another_size_are_logged_in_one_line(window_states):
+    restored, lines = load({'cbn_windows': window_states}, k=3)
+    assert all(state['count'] == 2 and state['window_size'] == 3 for state in restored.values())
+    notes = [msg for level, msg in lines if level == 'warning']
+    assert len(notes) == 1 and notes[0].startswith('CBNBurnInHook: 2 CBN layers were configured with another '
+                                                   "window size than the checkpoint holds, e.g. ")
+    assert 'k=4' in notes[0] and 'k=3' in notes[0] and "'bn1'" in notes[0]

@@ -1,4 +1,5 @@
-"""What the layer tests share: the devices they run on, the conv geometries, fp32 without TF32, a plain SGD step."""
+"""What the layer tests share: the devices they run on, the conv geometries, fp32 without TF32, a plain SGD step,
+and a comparison of window states."""
 import contextlib
 
 import pytest
@@ -39,3 +40,17 @@ def no_tf32():
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def same_windows(a, b):
+    """Whether two {layer name: window state} dicts hold the same windows, bit for bit."""
+    def same(x, y):
+        if isinstance(x, dict):
+            return isinstance(y, dict) and set(x) == set(y) and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(map(same, x, y))
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+        return x == y
+
+    return bool(a) and same(a, b)

@@ -16,6 +16,8 @@ import generate_toy_coco  # noqa: E402
 import test as test_tool  # noqa: E402
 import train as train_tool  # noqa: E402
 
+from ..models.common import same_windows  # noqa: E402
+
 TOY = osp.join(ROOT, 'configs/toy/faster-rcnn_r18-cbn-heads_fpn_toy.py')
 
 
@@ -73,14 +75,15 @@ def test_train_resume_and_test_from_checkpoint(toy_data, tmp_path, capsys):
 
 @pytest.mark.skipif(not hasattr(torch.distributed, 'is_gloo_available') or not torch.distributed.is_gloo_available(),
                     reason='gloo backend missing')
-def test_two_process_gloo_training_keeps_per_rank_windows(toy_data, tmp_path):
+def test_two_process_gloo_training_and_resume_keep_per_rank_windows(toy_data, tmp_path):
     work = str(tmp_path / 'dist')
     env = dict(os.environ, PORT='29517', PYTHONPATH=f"{ROOT}:{osp.join(ROOT, 'tests', 'tools')}",
                OMP_NUM_THREADS='1', PYTHON=sys.executable)
     config = tmp_path / 'toy_dump.py'
     config.write_text(f"_base_ = '{TOY}'\n"
                       "custom_imports = dict(imports=['cbn_mmdet', 'rank_dump_hook'], allow_failed_imports=False)\n"
-                      "custom_hooks = [dict(type='CBNBurnInHook', burnin_iters=2), dict(type='RankDumpHook')]\n")
+                      "custom_hooks = [dict(type='CBNBurnInHook', burnin_iters=2),\n"
+                      "                dict(type='RankDumpHook', windows_at=[3])]\n")
     extra = []
     cmd = ['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(config), '2', '--work-dir', work, '--cfg-options',
            *options(toy_data, 6, interval=3, extra=extra)]
@@ -96,15 +99,25 @@ def test_two_process_gloo_training_keeps_per_rank_windows(toy_data, tmp_path):
     assert set(w0) == set(w1) and all(w0[n]['count'] == 3 for n in w0)
     assert any(not torch.equal(w0[n]['tensors']['mu'], w1[n]['tensors']['mu']) for n in w0)  # no sync
 
-    # resume the 2-process run from its checkpoint: windows restored, and training goes on
+    # the checkpoint (written by rank 0 alone) holds each rank's windows at iteration 3, rank 0's also as before
     ckpt = torch.load(osp.join(work, 'iter_3.pth'), weights_only=False)
     assert all(s['count'] == 3 for s in ckpt['cbn_windows'].values())
+    saved = [torch.load(osp.join(work, f'rank{r}_iter3.pt'), weights_only=False) for r in (0, 1)]
+    per_rank = ckpt['cbn_windows_per_rank']
+    assert per_rank['world_size'] == 2 and len(per_rank['ranks']) == 2
+    assert same_windows(per_rank['ranks'][0], saved[0]) and same_windows(per_rank['ranks'][1], saved[1])
+    assert same_windows(ckpt['cbn_windows'], saved[0]) and not same_windows(saved[0], saved[1])
+
+    # resume the 2-process run from its checkpoint: each rank restores its own windows, and training goes on
     cmd = ['bash', osp.join(ROOT, 'tools/dist_train.sh'), str(config), '2', '--work-dir', work, '--resume',
            osp.join(work, 'iter_3.pth'), '--cfg-options', *options(toy_data, 4, extra=extra)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert 'restored the windows of' in proc.stdout + proc.stderr
+    log = proc.stdout + proc.stderr
+    assert 'restored the windows of 12 CBN layers from the checkpoint (each rank its own, 2 ranks)' in log
     assert torch.load(osp.join(work, 'rank0.pt'), weights_only=False)['iter'] == 4
+    restored = [torch.load(osp.join(work, f'rank{r}_start3.pt'), weights_only=False) for r in (0, 1)]
+    assert same_windows(restored[0], saved[0]) and same_windows(restored[1], saved[1])
 
 
 @pytest.fixture
