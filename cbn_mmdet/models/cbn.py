@@ -376,13 +376,13 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             return self._empty_forward(x)
         if not self.training:
             return super().forward(x)  # exactly nn.BatchNorm2d in eval
-        k = self._active_k()
+        self._active_k()  # refuses an unresolved 'auto'
         backward = in_backward()
         if backward and self._replays:
             positions = self._replays.candidates(x)
             if positions:
                 return self._replay_forward(x, positions)
-        counted = k > 1 and (self._calls.use_window or self._calls.collect)
+        counted = self._counted()
         windowed = counted
         conv, why = find_conv(x) if windowed else (None, '')
         if windowed and conv is None and torch.is_grad_enabled():
@@ -441,15 +441,19 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             else:  # burn-in's collecting iterations, or a window not started yet: BatchNorm (stats None)
                 stats = None
                 ok = all_finite(sv.fresh[with_gp, False]) if push else None
-        y = self.normalize(x, stats, conv) if bank is not None else self._bn_forward(x)
+        y = self.normalize(x, stats, conv) if bank is not None else self._bn_forward(x, moments=(mu_t, s_t))
         if push:
             with torch.no_grad(), precise:
-                bank = self._bank_for(position, conv, dtype, device)
-                store_entry(bank.views, bank.next, sv, ok, ws.zero)
-                bank.advance()
-            self._last.conv_params = (conv.weight, conv.bias)
-            self._last.groups = conv.groups
+                self._store(conv, position, ws, ok, dtype, device)
         return y, stats, mu_t, push
+
+    def _store(self, conv: ConvSpec, position: int, ws: Workspace, ok: Tensor, dtype: torch.dtype, device) -> None:
+        """Write the scratch's entry into the call position's bank (zeros with weight 0 where ``ok`` is False)."""
+        bank = self._bank_for(position, conv, dtype, device)
+        store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
+        bank.advance()
+        self._last.conv_params = (conv.weight, conv.bias)
+        self._last.groups = conv.groups
 
     def _kernel_views(self, kernel: Tensor, dtype: torch.dtype, groups: int) -> KernelViews:
         kv = self._last.kernel_views
@@ -471,34 +475,34 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, m_total), or the batch's own
         hist = history_terms(bv, sv, delta, conv_bias is not None) if exact else None
         if self.track_running_stats:
-            self.num_batches_tracked.add_(ok)  # a fallback iteration is not counted
-            if self.momentum is None:  # cumulative average, on the device
-                factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mu_t.dtype)
-            else:
-                factor = self.momentum
-            running_update(self.running_mean, self.running_var, sv, ok, factor)
+            running_update(self.running_mean, self.running_var, sv, ok, self._running_factor(ok, mu_t.dtype))
         return WindowStats(chosen[0], chosen[1], chosen[2, 0], hist, ok)
 
-    def _bn_forward(self, x: Tensor, replay: bool = False) -> Tensor:
+    def _bn_forward(self, x: Tensor, replay: bool = False, moments: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
         """``nn.BatchNorm2d``'s training forward, whose running statistics skip a non-finite batch (decided on the
         device) and whose ``momentum=None`` factor is computed on the device (BN reads it on the host).
-        ``replay``: a checkpoint recomputation, which normalizes the same way and updates nothing."""
+        ``replay``: a checkpoint recomputation, which normalizes the same way and updates nothing. ``moments``: the
+        batch's ``(mu, s)`` where the caller has them already."""
         y = F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         if self.track_running_stats and not replay:
             with torch.no_grad():
-                mu, s = batch_moments(x.detach())
+                mu, s = batch_moments(x.detach()) if moments is None else moments
                 m = x.numel() // x.shape[1]
                 new = torch.stack([mu, s * (m / max(m - 1, 1))])
                 ok = all_finite(new)
-                self.num_batches_tracked.add_(ok)  # a non-finite batch is not counted (BN counts every batch)
                 mean, var = self.running_mean, self.running_var
-                if self.momentum is None:  # cumulative average, on the device
-                    factor = 1.0 / self.num_batches_tracked.clamp(min=1).to(mean.dtype)
-                else:
-                    factor = self.momentum
+                factor = self._running_factor(ok, mean.dtype)
                 new = new if new.dtype == mean.dtype else new.to(mean.dtype)
                 lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)
         return y
+
+    def _running_factor(self, ok: Tensor, dtype: torch.dtype):
+        """Count the call where ``ok`` (a non-finite or fallen-back one is not counted; BN counts every batch) and
+        return the EMA factor: ``momentum``, or the cumulative ``1/count`` on the device for ``momentum=None``."""
+        self.num_batches_tracked.add_(ok)
+        if self.momentum is None:
+            return 1.0 / self.num_batches_tracked.clamp(min=1).to(dtype)
+        return self.momentum
 
     def normalize(self, x: Tensor, stats: WindowStats, conv: Optional[ConvSpec]) -> Tensor:
         """Normalize ``x`` with ``stats`` (Eq. 12, 4); the exact backward reaches ``conv``'s kernel. An extension

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..ops import ConvSpec, HistoryGrad, batch_moments
-from ..ops.fused import all_finite, fill_entry, store_entry
+from ..ops.fused import all_finite, fill_entry
 from .conv_lookup import find_conv
 
 __all__ = ['WindowStats', 'Replay', 'ReplayBook', 'CheckpointReplayMixin']
@@ -180,9 +180,4 @@ class CheckpointReplayMixin:
         ws.set_count(x.numel() // x.shape[1])
         kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
         fill_entry(ws.views, kv, conv, x, mu_t, s_t, self.stat_grad_subsample)
-        ok = all_finite(ws.views.fresh[self.compensate, False])
-        bank = self._bank_for(position, conv, dtype, device)
-        store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
-        bank.advance()
-        self._last.conv_params = (conv.weight, conv.bias)
-        self._last.groups = conv.groups
+        self._store(conv, position, ws, all_finite(ws.views.fresh[self.compensate, False]), dtype, device)
