@@ -170,7 +170,7 @@ class OpCounter(TorchDispatchMode):
         return sum(self.counts.values())
 
 
-LAUNCH_VARIANTS = ('BN', 'CBN k=4', 'CBN k=8', 'CBN k=4 authors bw', 'Naive CBN k=4', 'authors k=4')
+LAUNCH_VARIANTS = ('BN', 'CBN k=4', 'CBN k=8', 'CBN k=4 authors bw', 'CBN k=4 r=16', 'Naive CBN k=4', 'authors k=4')
 
 
 def launch_norm(variant, c):
@@ -180,6 +180,8 @@ def launch_norm(variant, c):
         return AuthorsCBN(c, 4)
     k = int(variant.split('k=')[1].split()[0])
     options = dict(backward='authors') if 'authors bw' in variant else {}
+    if ' r=' in variant:  # the second-order term from r patches per slot
+        options['second_order'] = int(variant.split(' r=')[1].split()[0])
     if variant.startswith('Naive'):
         options = dict(compensate=False)
     return CrossIterationBatchNorm2d(c, window_size=k, **options)

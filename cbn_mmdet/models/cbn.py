@@ -76,6 +76,15 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
     * **Numerics**: the layer carries the centred moment :math:`s = \nu - \mu^2` per iteration, which is Eq. 8-11
       in exact arithmetic but does not cancel in fp32 when :math:`|\mu| \gg \sigma`. Statistics are fp32 for
       fp16/bf16/fp32 input and fp64 for fp64 input.
+    * **Second order** (``second_order = r > 0``): Eq. 8 moves :math:`\nu` to first order and misses
+      :math:`\Delta\theta^\top M_2 \Delta\theta` (:math:`M_2` the input patches' second moment). Under the exact
+      backward the kernel turns fast, as BN's does, and that term is most of the variance's error (issue 20,
+      ``tools/analysis/compensation_study.py``). With ``r > 0`` the centred moment is moved instead, with its
+      second-order term from ``r`` input patches that each slot keeps (at fixed strata of the output positions):
+      :math:`s_\tau(\theta_t) = s_\tau + \langle \partial s/\partial\theta, \Delta\theta\rangle +
+      \frac{1}{r}\sum_i (\Delta\theta \cdot (x_i - P_\tau))^2`, exact for a convolution when the ``r`` patches
+      are all of the iteration's. It costs ``r (C_in/g k_h k_w + C/g)`` numbers per slot and group, and a few
+      small products per iteration.
     * **Fewer than k iterations** (start of training): the average runs over those present.
     * **The convolution** is read from ``x``'s autograd graph at every training forward, so the layer needs no
       extra call, whatever module structure surrounds it. If ``x`` was not produced by a 2D convolution (a norm
@@ -142,6 +151,9 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         backward (str): ``'exact'``, the derivative of the forward through the compensation's dependence on the
             current kernel, or ``'authors'``, the authors' released backward (history constant). Why the default
             is what it is: README, "Which backward". Default: ``'exact'``.
+        second_order (int): ``r``, the input patches each window slot keeps for the second-order term of the
+            centred moment's compensation; ``0`` is the paper's Eq. 8 (first order in :math:`\nu`). Switching it
+            restarts the window. Default: 0.
 
     Example:
         >>> from mmcv.cnn import build_norm_layer
@@ -161,6 +173,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                  compensate: bool = True,
                  stat_grad_subsample: int = 1,
                  backward: str = 'exact',
+                 second_order: int = 0,
                  device=None,
                  dtype=None):
         positive_int('num_features', num_features)
@@ -173,11 +186,13 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             raise ValueError(f'compensate must be a bool, got {compensate!r}')
         positive_int('stat_grad_subsample', stat_grad_subsample)
         check_backward(backward)
+        positive_int('second_order', second_order, minimum=0)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._window_size = check_window_size(window_size)
         self.compensate = compensate
         self._stat_grad_subsample = stat_grad_subsample
         self._backward = backward
+        self._second_order = second_order
         # One bank per call position within an iteration (a head shared across FPN levels is called once per
         # level, in a fixed order): the c-th training call of an iteration uses and fills self._banks[c].
         self._banks: List[Optional[WindowBank]] = []
@@ -218,11 +233,20 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
     def backward(self, value) -> None:
         self._backward = check_backward(value)  # takes effect at the next forward
 
+    @property
+    def second_order(self) -> int:
+        return self._second_order
+
+    @second_order.setter
+    def second_order(self, value) -> None:
+        self._second_order = positive_int('second_order', value, minimum=0)  # a new bank at the next push
+
     def extra_repr(self) -> str:
         mode = 'taylor' if self.compensate else 'naive'
         sub = f', stat_grad_subsample={self.stat_grad_subsample}' if self.stat_grad_subsample != 1 else ''
         back = f', backward={self.backward!r}' if self.compensate else ''
-        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{back}{sub}'
+        second = f', second_order={self.second_order}' if self.second_order and self.compensate else ''
+        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{back}{sub}{second}'
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -352,10 +376,11 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
 
     def _workspace_for(self, conv_shape, groups: int, dtype: torch.dtype, device) -> Workspace:
         capacity = self._active_k() - 1
+        patches = self.second_order if conv_shape is not None else 0
         key = (self.num_features, None if conv_shape is None else tuple(conv_shape), groups, capacity, dtype,
-               torch.device(device))
+               torch.device(device), patches)
         if self._workspace is None or self._workspace.key != key:
-            self._workspace = Workspace(self.num_features, conv_shape, groups, capacity, dtype, device)
+            self._workspace = Workspace(self.num_features, conv_shape, groups, capacity, dtype, device, patches)
         return self._workspace
 
     def _bank_for(self, position: int, conv: ConvSpec, dtype: torch.dtype, device) -> WindowBank:
@@ -364,8 +389,9 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         shape = tuple(conv.weight.shape) if self.compensate else None
         groups = conv.groups if self.compensate else 1
         bank = self.window_at(position)
-        if bank is None or not bank.matches(capacity, self.num_features, dtype, device, shape, groups):
-            bank = WindowBank(capacity, self.num_features, dtype, device, shape, groups)
+        if bank is None or not bank.matches(capacity, self.num_features, dtype, device, shape, groups,
+                                            self.second_order):
+            bank = WindowBank(capacity, self.num_features, dtype, device, shape, groups, self.second_order)
             self._set_bank(position, bank)
         return bank
 
@@ -425,7 +451,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             shape = tuple(params[0].shape) if compensating else None
             bank = self.window_at(position) if use_window and (compensating or not self.compensate) else None
             if bank is not None and not bank.matches(self._active_k() - 1, self.num_features, dtype, device, shape,
-                                                      groups):
+                                                      groups, self.second_order):
                 if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate
                     self._set_bank(position, None)
                 bank = None

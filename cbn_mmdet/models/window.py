@@ -14,8 +14,9 @@ from ..ops.fused import FIELDS, MU, ONE, A, M, R, S, BankViews, ScratchViews
 __all__ = ['WindowBank', 'Workspace', 'WindowStateMixin', 'newest_entries', 'STATE_KEYS']
 
 # the keys of a window state (one call position), as checkpoints have always held them; 'a_mu' and 'a_s' (the
-# intercepts the bank keeps) were added with the bank and make a round trip exact
-STATE_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm', 'w', 'a_mu', 'a_s')
+# intercepts the bank keeps) were added with the bank and make a round trip exact; 'q' (T, g, r, D + C/g), the
+# second-order term's patches and outputs, with ``second_order``
+STATE_KEYS = ('mu', 's', 'g_mu', 'g_s', 'p_mu', 'p_s', 'bias', 'm', 'w', 'a_mu', 'a_s', 'q')
 
 
 def _move(t: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -40,23 +41,26 @@ class _HoldsViews:
 
 
 class Workspace(_HoldsViews):
-    """One layer's scratch for a training forward: ``work = [gp entry (C + g, D) | entry (F, C) | sums (4, C)]``,
+    """One layer's scratch for a training forward: ``work = [gp entry (C + g, D) | q entry (g, r, D + C/g) |
+    entry (F, C) | sums (4, C)]`` (the q entry with ``patches = r > 0`` only),
     the exact backward's coefficient buffer ``hbuf`` (T, 2C + 1), and a 0-dim zero. Shared by the layer's call
     positions, which run one after another; nothing in it is saved for the backward."""
 
     def __init__(self, channels: int, kernel_shape: Optional[Sequence[int]], groups: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, patches: int = 0):
+        patches = patches if kernel_shape is not None else 0
         self.key = (channels, None if kernel_shape is None else tuple(kernel_shape), groups, capacity, dtype,
-                    torch.device(device))
+                    torch.device(device), patches)
         c = channels
         d = 0 if kernel_shape is None else math.prod(kernel_shape[1:])
         rows = c + groups if kernel_shape is not None else 0
-        self.work = torch.zeros(rows * d + FIELDS * c + 4 * c, dtype=dtype, device=device)
+        qsize = groups * patches * (d + c // groups)
+        self.work = torch.zeros(rows * d + qsize + FIELDS * c + 4 * c, dtype=dtype, device=device)
         self.hbuf = torch.zeros(capacity, 2 * c + 1, dtype=dtype, device=device)
         self.hbuf[:, 2 * c] = 1
         self.zero = torch.zeros((), dtype=dtype, device=device)
-        self._shape = (c, groups, d)
-        self.views = ScratchViews(self.work, self.hbuf, c, groups, d)
+        self._shape = (c, groups, d, patches)
+        self.views = ScratchViews(self.work, self.hbuf, c, groups, d, patches)
         self.views.entry[ONE] = 1
         self._m: Optional[int] = None
 
@@ -71,35 +75,40 @@ class Workspace(_HoldsViews):
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero = (_move(t, fn) for t in (self.work, self.hbuf, self.zero))
-        self.key = self.key[:5] + (self.work.device, )
+        self.key = self.key[:5] + (self.work.device, ) + self.key[6:]
         self.views = ScratchViews(self.work, self.hbuf, *self._shape)
 
 
 class WindowBank(_HoldsViews):
     """The last ``capacity`` iterations of one call position, as a ring of static slots.
 
-    ``stats`` (T, F, C) and, when compensating, ``gp`` (C + g, T, D): see :mod:`cbn_mmdet.ops.fused`. ``count`` and
+    ``stats`` (T, F, C) and, when compensating, ``gp`` (C + g, T, D) and with ``patches = r > 0`` (the second-order
+    term) ``qs`` (g, T, r, D + C/g): see :mod:`cbn_mmdet.ops.fused`. ``count`` and
     ``next`` are host integers: how many slots hold an iteration, and which slot the next push writes. No copy of the
     kernel is kept.
     """
 
     def __init__(self, capacity: int, channels: int, dtype: torch.dtype, device,
-                 kernel_shape: Optional[Sequence[int]] = None, groups: int = 1):
+                 kernel_shape: Optional[Sequence[int]] = None, groups: int = 1, patches: int = 0):
         self.capacity = capacity
         self.channels = channels
         self.kernel_shape = None if kernel_shape is None else tuple(kernel_shape)
         self.groups = groups
         self.stats = torch.zeros(capacity, FIELDS, channels, dtype=dtype, device=device)
-        self.gp = None
+        self.gp = self.qs = None
+        self.patches = patches if self.kernel_shape is not None else 0
         if self.kernel_shape is not None:
             d = math.prod(self.kernel_shape[1:])
             self.gp = torch.zeros(channels + groups, capacity, d, dtype=dtype, device=device)
-        self.views = BankViews(self.stats, self.gp, groups)
+            if self.patches:
+                self.qs = torch.zeros(groups, capacity, self.patches, d + channels // groups, dtype=dtype,
+                                      device=device)
+        self.views = BankViews(self.stats, self.gp, groups, self.qs)
         self.count = 0
         self.next = 0
 
     def _views(self) -> BankViews:
-        return BankViews(self.stats, self.gp, self.groups)
+        return BankViews(self.stats, self.gp, self.groups, self.qs)
 
     @property
     def compensating(self) -> bool:
@@ -114,11 +123,12 @@ class WindowBank(_HoldsViews):
         return self.stats.device
 
     def matches(self, capacity: int, channels: int, dtype: torch.dtype, device,
-                kernel_shape: Optional[Sequence[int]], groups: int) -> bool:
+                kernel_shape: Optional[Sequence[int]], groups: int, patches: int = 0) -> bool:
         """Whether an iteration of this shape fits (otherwise the window starts afresh)."""
         return (self.capacity == capacity and self.channels == channels and self.dtype == dtype
                 and self.device == torch.device(device) and self.kernel_shape == (
-                    None if kernel_shape is None else tuple(kernel_shape)) and self.groups == groups)
+                    None if kernel_shape is None else tuple(kernel_shape)) and self.groups == groups
+                and self.patches == (patches if kernel_shape is not None else 0))
 
     def advance(self) -> None:
         self.next = (self.next + 1) % self.capacity
@@ -126,14 +136,16 @@ class WindowBank(_HoldsViews):
 
     @property
     def nbytes(self) -> int:
-        return self.stats.nbytes + (0 if self.gp is None else self.gp.nbytes)
+        return sum(t.nbytes for t in (self.stats, self.gp, self.qs) if t is not None)
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Follow a device move; the statistics keep their dtype bit for bit under a module dtype cast."""
         self.stats = _move(self.stats, fn)
         if self.gp is not None:
             self.gp = _move(self.gp, fn)
-        self.views = BankViews(self.stats, self.gp, self.groups)
+        if self.qs is not None:
+            self.qs = _move(self.qs, fn)
+        self.views = self._views()
 
     # ------------------------------------------------------------------ the stored iterations, as named tensors
     def tensors(self, rows: Optional[int] = None) -> Dict[str, Tensor]:
@@ -151,6 +163,8 @@ class WindowBank(_HoldsViews):
             out.update(g_mu=gp[:, c:].reshape(rows, g, *k[1:]), g_s=gp[:, :c].reshape(rows, *k),
                        p_mu=st[:, MU] - st[:, A], p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
                        a_mu=st[:, A].clone(), a_s=st[:, R].clone())
+            if self.qs is not None:
+                out['q'] = self.qs[:, :rows].transpose(0, 1).clone()  # (T, g, r, D + C/g)
         return out
 
     def view(self) -> Dict[str, Tensor]:
@@ -162,8 +176,13 @@ class WindowBank(_HoldsViews):
         return dict(count=self.count, next=self.next, tensors={k: v.cpu() for k, v in self.tensors().items()})
 
     @classmethod
-    def from_state(cls, state: dict, capacity: int, channels: int, device, describe: str) -> Optional['WindowBank']:
-        """A bank holding a :meth:`state` (or a window state written before the bank existed). None when empty."""
+    def from_state(cls, state: dict, capacity: int, channels: int, device, describe: str,
+                   patches: int = 0) -> Optional['WindowBank']:
+        """A bank holding a :meth:`state` (or a window state written before the bank existed). None when empty.
+
+        ``patches``: the layer's ``second_order``. A state without the second-order patches (written with
+        ``second_order=0``, or before it existed) or with another ``r`` restores zero patches: those slots are moved
+        by the first-order term of the centred moment alone until the window has turned over."""
         if not state['count']:
             return None
         t = state['tensors']
@@ -174,7 +193,7 @@ class WindowBank(_HoldsViews):
         kernel_shape = groups = None
         if t.get('g_s') is not None:
             kernel_shape, groups = tuple(t['g_s'].shape[1:]), t['g_mu'].shape[1]
-        bank = cls(capacity, channels, dtype, device, kernel_shape, groups or 1)
+        bank = cls(capacity, channels, dtype, device, kernel_shape, groups or 1, patches)
         st = bank.stats
         st[:, MU] = t['mu']
         st[:, S] = t['s']
@@ -193,6 +212,10 @@ class WindowBank(_HoldsViews):
             c = channels
             bank.gp[:c] = t['g_s'].reshape(capacity, c, -1).transpose(0, 1).to(device)
             bank.gp[c:] = t['g_mu'].reshape(capacity, groups, -1).transpose(0, 1).to(device)
+            q = t.get('q')
+            if bank.qs is not None and q is not None and tuple(q.shape) == (capacity, groups, patches,
+                                                                            bank.qs.shape[3]):
+                bank.qs.copy_(q.transpose(0, 1))
         bank.count, bank.next = int(state['count']), int(state['next'])
         return bank
 
@@ -247,7 +270,7 @@ class WindowStateMixin:
         for position, sub in enumerate([state] + list(state.get('later_calls') or ())):
             if stored != k and isinstance(stored, int) and stored > 1:
                 sub = newest_entries(sub, stored - 1, k - 1)
-            bank = WindowBank.from_state(sub, k - 1, self.num_features, device, self._describe())
+            bank = WindowBank.from_state(sub, k - 1, self.num_features, device, self._describe(), self.second_order)
             self._set_bank(position, bank)
         while self._banks and self._banks[-1] is None:
             self._banks.pop()

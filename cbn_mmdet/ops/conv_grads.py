@@ -8,6 +8,7 @@ With the convolution's kernel ``W`` (C, C_in/g, kh, kw), its input ``u`` and out
 * ``dmu_j/db_j = 1``, ``ds_j/db_j = 0``  (``dnu_j/db_j = 2 mu_j``)
 """
 import functools
+import math
 from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 from ._common import autocast_off
 
 __all__ = ['ConvSpec', 'StatGrads', 'subsample_plan', 'weight_grad', 'conv_stat_grads', 'channel_dots',
-           'kernel_products']
+           'kernel_products', 'patch_positions', 'sample_patches']
 
 
 class ConvSpec(NamedTuple):
@@ -188,6 +189,50 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
         torch.baddbmm(g_s.view(groups, c // groups, -1), mu.view(groups, c // groups, 1),
                       patch.view(groups, 1, -1), beta=2.0 / m, alpha=-2.0, out=g_s_out.view(groups, c // groups, -1))
     return StatGrads(g_mu, g_s_out.view(shape))
+
+
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def patch_positions(count: int, r: int) -> list:
+    """The ``r`` output positions (flat indices over ``N * H_out * W_out``) whose input patches a window slot keeps
+    for the second-order term: ``floor(frac((i + 1/2) phi) count)`` with ``phi`` the golden ratio's fraction, a
+    low-discrepancy sequence. Deterministic, so that a reference can take the same patches, and spread over the
+    images, rows and columns alike (equal strata of the flat index would fall on one column when the row length
+    divides their width). A batch with few positions (``count`` near or below ``r``) repeats some of them."""
+    return [int(math.fmod((i + 0.5) * _GOLDEN, 1.0) * count) for i in range(r)]
+
+
+@functools.lru_cache(maxsize=256)
+def _patch_index_cached(shape: Tuple[int, ...], out_hw: Tuple[int, int], kernel: Tuple[int, int], stride, padding,
+                        dilation, r: int, dtype: torch.dtype, device: torch.device) -> Tuple[Tensor, Tensor]:
+    n, c_in, h, w = shape
+    out_h, out_w = out_hw
+    kh, kw = kernel
+    pos = torch.tensor(patch_positions(n * out_h * out_w, r), device=device)  # built once per shape
+    img, rest = pos // (out_h * out_w), pos % (out_h * out_w)
+    rows = (rest // out_w)[:, None] * stride[0] - padding[0] + torch.arange(kh, device=device)[None] * dilation[0]
+    cols = (rest % out_w)[:, None] * stride[1] - padding[1] + torch.arange(kw, device=device)[None] * dilation[1]
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # (r, kh, kw)
+    chan = torch.arange(c_in, device=device)
+    flat = (((img[:, None] * c_in + chan[None]) * h)[:, :, None, None] + rows.clamp(0, h - 1)[:, None, :, None]) * w \
+        + cols.clamp(0, w - 1)[:, None, None, :]  # (r, C_in, kh, kw): logical (row-major) index into the input
+    mask = inside[:, None].expand(r, c_in, kh, kw).to(dtype)
+    return flat.reshape(r, -1), mask.reshape(r, -1)
+
+
+def sample_patches(conv: ConvSpec, out_hw: Tuple[int, int], r: int, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """The input patches of ``conv`` at the :func:`patch_positions` of its output: (r, C_in * kh * kw) values (0
+    where a patch reads the zero padding) and the 0/1 mask of what is inside the input, both in ``dtype``. The
+    gather index is built on the device once per input shape and cached; one ``take`` per call, no host sync.
+    Channel order is the kernel's ``(C_in, kh, kw)``, so group ``j``'s patch is the ``j``-th block of
+    ``C_in/g * kh * kw``."""
+    u = conv.input
+    kernel = tuple(conv.weight.shape[2:])
+    index, mask = _patch_index_cached(tuple(u.shape), tuple(out_hw), kernel, tuple(conv.stride), tuple(conv.padding),
+                                      tuple(conv.dilation), r, dtype, u.device)
+    values = torch.take(u, index)  # padding positions read a clamped element; the mask zeroes them
+    return (values if values.dtype == dtype else values.to(dtype)), mask
 
 
 def channel_dots(a: Tensor, b: Tensor) -> Tensor:

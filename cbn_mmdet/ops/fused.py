@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .conv_grads import ConvSpec, conv_stat_grads
+from .conv_grads import ConvSpec, conv_stat_grads, sample_patches
 from .normalize import HistoryGrad
 
 __all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
@@ -48,9 +48,9 @@ class BankViews:
     """The views of a bank's ``stats`` (T, F, C) and ``gp`` (C + g, T, D) that the ops below use, made once: on the
     host a view costs about as much as launching a small kernel."""
 
-    def __init__(self, stats: Tensor, gp: Optional[Tensor], groups: int):
+    def __init__(self, stats: Tensor, gp: Optional[Tensor], groups: int, qs: Optional[Tensor] = None):
         t, _, c = stats.shape
-        self.stats, self.gp, self.groups = stats, gp, groups
+        self.stats, self.gp, self.groups, self.qs = stats, gp, groups, qs
         self.a, self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (A, R, S, MU, E, Q))
         self.weights = stats[:, ONE, :1].t()  # (1, T)
         self.w_col = stats[:, ONE, :1]  # (T, 1)
@@ -61,19 +61,32 @@ class BankViews:
             self.e_g = self.e.view(t, groups, c // groups)
         self.g_rows = gp[:c] if gp is not None else None  # (C, T, D)
         self.p_rows = gp[c:] if gp is not None else None  # (g, T, D)
-        self.slots = [(stats[i], None if gp is None else gp[:, i]) for i in range(t)]
+        self.r = 0
+        if qs is not None:  # (g, T, r, D + C/g): the second-order term's patches X' and their outputs Y'
+            g, _, self.r, e = qs.shape
+            d = e - c // g
+            self.xq = qs[..., :d].view(g, t * self.r, d)  # (g, Tr, D), row tau * r + i
+            self.xq_t = self.xq.transpose(1, 2)  # (g, D, Tr)
+            self.yq_t = qs[..., d:].view(g, t * self.r, c // g).transpose(1, 2)  # (g, C/g, Tr)
+        self.slots = [(stats[i], None if gp is None else gp[:, i], None if qs is None else qs[:, i])
+                      for i in range(t)]
 
 
 class ScratchViews:
-    """Views of a layer's scratch ``work = [gp entry (C + g, D) | entry (F, C) | sums (4, C)]`` and of ``hbuf``
-    (T, 2C + 1), made once."""
+    """Views of a layer's scratch ``work = [gp entry (C + g, D) | q entry (g, r, D + C/g) | entry (F, C) |
+    sums (4, C)]`` and of ``hbuf`` (T, 2C + 1), made once."""
 
-    def __init__(self, work: Tensor, hbuf: Tensor, channels: int, groups: int, d: int):
+    def __init__(self, work: Tensor, hbuf: Tensor, channels: int, groups: int, d: int, patches: int = 0):
         c = channels
         rows = (c + groups) if d else 0
-        g = rows * d
+        qsize = groups * patches * (d + c // groups) if rows else 0
+        g = rows * d + qsize
         self.work, self.hbuf = work, hbuf
-        self.gp_entry = work[:g].view(rows, d) if rows else None
+        self.gp_entry = work[:rows * d].view(rows, d) if rows else None
+        self.q_entry = self.xq_entry = self.yq_entry = None
+        if qsize:
+            self.q_entry = work[rows * d:g].view(groups, patches, d + c // groups)
+            self.xq_entry, self.yq_entry = self.q_entry[..., :d], self.q_entry[..., d:]
         self.entry = work[g:g + FIELDS * c].view(FIELDS, c)
         self.sums = work[g + FIELDS * c:].view(4, c)
         self.entry_a = self.entry[A:A + 1]  # (1, C)
@@ -111,8 +124,8 @@ class KernelViews:
         d = self.w.shape[1]
         self.wt = self.w.t()  # (D, C)
         self.w3 = self.w.view(c, d, 1)
-        if groups > 1:
-            self.wg_t = self.w.view(groups, c // groups, d).transpose(1, 2)  # (g, D, C/g)
+        self.w_g = self.w.view(groups, c // groups, d)  # (g, C/g, D)
+        self.wg_t = self.w_g.transpose(1, 2)  # (g, D, C/g)
 
     def valid_for(self, kernel: Tensor, dtype: torch.dtype) -> bool:
         """Still the views of ``kernel`` (an optimizer's in-place step keeps them valid; a cast does not)."""
@@ -124,7 +137,9 @@ class KernelViews:
 def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvSpec], x: Tensor, mu_t: Tensor,
                s_t: Tensor, subsample: int = 1) -> None:
     """Write the current iteration into the scratch entry: its moments, and with ``kv`` (a push with compensation)
-    its kernel gradients (Appendix B: the floor's one weight-gradient) and intercepts ``A``, ``R``.
+    its kernel gradients (Appendix B: the floor's one weight-gradient) and intercepts ``A``, ``R``; with a
+    second-order scratch (``sv.q_entry``) also ``r`` centred input patches ``X' = P - x_i`` (negated, which saves an
+    op and changes no square) and their outputs ``Y' = W_tau X'``.
 
     The entry's ``ONE`` and ``M`` rows are set when the input's shape changes, not here.
     """
@@ -138,6 +153,12 @@ def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvS
             torch.baddbmm(base.view(groups, 1, -1), sv.p_entry3, kv.wg_t, alpha=-1, out=sv.entry_a_g)
         # R = s - <G_j, W_j>: C dot products in one batched product                              (Eq. 8 at tau)
         torch.baddbmm(s_t.view(-1, 1, 1), sv.g_entry3, kv.w3, alpha=-1, out=sv.entry_r3)
+        if sv.q_entry is not None:
+            r, d = sv.xq_entry.shape[1:]
+            values, mask = sample_patches(conv, x.shape[2:], r, mu_t.dtype)  # (r, g * D)
+            torch.addcmul(sv.p_entry3, values.view(r, groups, d).transpose(0, 1), mask.view(r, groups, d).transpose(0, 1),
+                          value=-1, out=sv.xq_entry)  # P - x_i: zero padding reads 0, as the conv does
+            torch.bmm(sv.xq_entry, kv.wg_t, out=sv.yq_entry)  # (g, r, C/g)
     torch.stack([s_t, mu_t, mu_t, s_t], out=sv.entry_moments)
 
 
@@ -146,11 +167,15 @@ def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optiona
     """Move every stored iteration to the current kernel (Eq. 7-8, 10) and fill the scratch fields ``E``, ``Q``.
 
     Without ``kv`` (Naive CBN) nothing is moved. With it, ``E = A + <P, W_t> + b_t = mu_tau(theta_t)`` and
-    ``s_tau(theta_t) = max(R + <G, W_t> - dmu^2, 0)`` with ``dmu = E - mu_tau``. ``inside`` (T, C), if given, gets
-    Eq. 10's clamp mask as 0/1 (the exact backward's).
+    ``s_tau(theta_t) = max(R + <G, W_t> - dmu^2, 0)`` with ``dmu = E - mu_tau`` (Eq. 8: ``nu`` to first order).
+    With a second-order bank (``bv.qs``) the centred moment is moved to second order instead:
+    ``s_tau(theta_t) = max(R + <G, W_t> + mean_i ((W_t - W_tau) . (P - x_i))^2, 0)``, exact for a convolution when
+    the ``r`` stored patches are all of iteration tau's (``s`` is quadratic in the kernel); its last term is
+    ``e = W_t X'^T - Y'`` squared and averaged. ``inside`` (T, C), if given, gets Eq. 10's clamp mask as 0/1 (the
+    exact backward's).
 
     Returns:
-        Tensor | None: ``dmu`` (T, C), or None for Naive CBN.
+        Tensor | None: ``dmu`` (T, C); ``e`` (g, C/g, Tr) for a second-order bank; None for Naive CBN.
     """
     mu_c = bv.e
     if kv is None:
@@ -164,9 +189,16 @@ def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optiona
     if conv_bias is not None:
         mu_c.add_(conv_bias.detach().to(mu_c.dtype))
     # R + <G_tau,j, W_t,j>: one batched product over the channels                             (Eq. 8)
-    s_c = torch.baddbmm(bv.r_col, bv.g_rows, kv.w3).squeeze(-1).t()
-    delta = mu_c - bv.mu
-    s_c = torch.addcmul(s_c, delta, delta, value=-1)  # nu_tau(t) - mu_tau(t)^2
+    s_c = torch.baddbmm(bv.r_col, bv.g_rows, kv.w3)  # (C, T, 1)
+    if bv.qs is None:
+        s_c = s_c.squeeze(-1).t()
+        delta = mu_c - bv.mu
+        s_c = torch.addcmul(s_c, delta, delta, value=-1)  # nu_tau(t) - mu_tau(t)^2
+    else:  # + (W_t - W_tau)' C_tau (W_t - W_tau), C_tau from the slot's r patches: e e^T / r per (channel, tau)
+        t, c = mu_c.shape
+        delta = torch.baddbmm(bv.yq_t, kv.w_g, bv.xq_t, beta=-1)  # e: (g, C/g, Tr), column tau * r + i
+        e3 = delta.view(c * t, 1, bv.r)
+        s_c = torch.baddbmm(s_c.view(c * t, 1, 1), e3, e3.transpose(1, 2), alpha=1.0 / bv.r).view(c, t).t()
     if inside is not None:
         torch.gt(s_c, 0, out=inside)
     dev = mu_c - mu_t
@@ -193,17 +225,23 @@ def all_finite(t: Tensor) -> Tensor:
 
 def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool) -> HistoryGrad:
     """The exact backward's terms (:func:`cbn_mmdet.ops.compensation.history_grad`) from the bank, ``n`` times
-    them (as :class:`HistoryGrad` is passed to the normalize op), in five ops.
+    them (as :class:`HistoryGrad` is passed to the normalize op), in five ops (two more for a second-order bank,
+    whose ``delta`` is :func:`compensate_bank`'s ``e``).
 
     With ``[inside]`` Eq. 10's clamp mask (written into ``hbuf[:, :C]`` by :func:`compensate_bank`) and
     ``u = mu_c - [inside] dmu - mu_bar``: ``mean_patch = sum w P``, ``var_kernel = 2 sum w u P + sum w [inside] G``,
     ``mean_bias = sum w``, ``var_bias = 2 sum w u``. ``hbuf`` is (T, 2C + 1) with its last column 1, so that one
-    product by ``w`` gives all three coefficient blocks and one matrix product both patch sums.
+    product by ``w`` gives all three coefficient blocks and one matrix product both patch sums. A second-order
+    bank's ``s_tau(theta_t)`` does not depend on ``mu_tau(theta_t)``: ``u = mu_c - mu_bar``, and its last term adds
+    ``(2/r) sum w [inside] sum_i e_i X'_i`` to ``var_kernel``.
     """
     t, c = bv.e.shape
     groups = bv.groups
-    base = torch.addcmul(bv.e, sv.inside, delta, value=-1)  # mu_tau(t) - [inside] dmu
-    torch.sub(base, sv.mu_bar, out=sv.dev)
+    if bv.qs is None:
+        base = torch.addcmul(bv.e, sv.inside, delta, value=-1)  # mu_tau(t) - [inside] dmu
+        torch.sub(base, sv.mu_bar, out=sv.dev)
+    else:
+        torch.sub(bv.e, sv.mu_bar, out=sv.dev)
     coef = sv.hbuf * bv.w_col  # (T, 2C + 1): w [inside] | w u | w
     patch = bv.p_rows  # (g, T, D)
     d = patch.shape[2]
@@ -214,6 +252,10 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
         part = torch.bmm(coef[:, c:2 * c].t().reshape(groups, c // groups, t), patch)  # (g, C/g, D)
         mean_patch = torch.bmm(coef[:, 2 * c:].t().expand(groups, 1, t), patch).view(groups, d)
     var_kernel = torch.baddbmm(part.reshape(c, 1, d), coef[:, :c].t().unsqueeze(1), bv.g_rows, beta=2).view(c, d)
+    if bv.qs is not None:
+        cg = c // groups
+        scaled = delta.view(groups, cg, t, bv.r) * coef[:, :c].t().reshape(groups, cg, t, 1)  # w [inside] e
+        var_kernel.view(groups, cg, d).baddbmm_(scaled.view(groups, cg, t * bv.r), bv.xq, alpha=2.0 / bv.r)
     if not has_bias:
         return HistoryGrad(mean_patch, var_kernel, None, None)
     bias_sums = coef[:, c:].sum(0)
@@ -222,10 +264,12 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
 
 def store_entry(bv: BankViews, slot: int, sv: ScratchViews, ok: Tensor, zero: Tensor) -> None:
     """Write the entry into a bank slot; where ``ok`` is False (decided on the device), zeros: weight 0, no NaN."""
-    stats_slot, gp_slot = bv.slots[slot]
+    stats_slot, gp_slot, q_slot = bv.slots[slot]
     torch.where(ok, sv.entry, zero, out=stats_slot)
     if gp_slot is not None:
         torch.where(ok, sv.gp_entry, zero, out=gp_slot)
+    if q_slot is not None:
+        torch.where(ok, sv.q_entry, zero, out=q_slot)
 
 
 def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, factor) -> None:

@@ -6,16 +6,26 @@ plain autograd. None of it shares code with ``cbn_mmdet``.
 
 ``exact=True`` keeps the current kernel theta_t a live autograd variable inside the compensation (Eq. 7-8), so
 plain autograd gives the exact derivative of the forward; ``exact=False`` detaches it (the authors' backward).
+
+``second_order=r > 0`` moves the centred moment ``s = nu - mu^2`` instead, to second order:
+``s_tau(theta_t) = s_tau + (ds/dtheta) dtheta + (1/r) sum_i (dW . (x_i - P_tau))^2`` over the input patches ``x_i``
+of iteration tau at ``r`` output positions ``floor(frac((i + 1/2) phi) * count)`` (``phi`` the golden ratio's
+fraction), taken here by ``F.unfold`` of the stored input.
 """
+import math
+
 import torch
 import torch.nn.functional as F
+
+GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 class ReferenceCBN:
 
     def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64,
-                 exact=True, affine=True, device='cpu'):
+                 exact=True, affine=True, device='cpu', second_order=0):
         self.k = window_size
+        self.second_order = second_order
         self.compensate = compensate
         self.exact = exact
         self.eps = eps
@@ -47,6 +57,23 @@ class ReferenceCBN:
         mus, nus = [mu_t], [nu_t]
         window = self.history[max(0, len(self.history) - (self.k - 1)):] if self.k > 1 else []
         for past in window:
+            if self.compensate and self.second_order:
+                delta = (theta_live if self.exact else theta_t) - past['theta']
+                mu = past['mu'] + past['j_mu'] @ delta
+                j_s = past['j_nu'] - 2 * past['mu'][:, None] * past['j_mu']  # d(nu - mu^2)/dtheta at tau
+                dw = delta[:n_w].view(conv.weight.shape[0], -1)  # (C, C_in/g * K)
+                cols = F.unfold(past['u'], conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+                patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, C_in * K)
+                centred = patches - patches.mean(0)
+                count = patches.shape[0]
+                pick = [int(math.fmod((i + 0.5) * GOLDEN, 1.0) * count) for i in range(self.second_order)]
+                chosen = centred[pick].view(self.second_order, conv.groups, -1)  # (r, g, C_in/g * K)
+                group = torch.arange(conv.weight.shape[0]) // (conv.weight.shape[0] // conv.groups)
+                proj = torch.einsum('cd,rcd->rc', dw, chosen[:, group])  # (r, C): dW_c . (x_i - P)
+                s = past['nu'] - past['mu'] ** 2 + j_s @ delta + proj.square().mean(0)
+                mus.append(mu)
+                nus.append(mu * mu + s.clamp(min=0))  # Eq. 10: nu >= mu^2 is s >= 0
+                continue
             if self.compensate:  # Eq. 7-8
                 delta = (theta_live if self.exact else theta_t) - past['theta']
                 mu = past['mu'] + past['j_mu'] @ delta
@@ -67,5 +94,5 @@ class ReferenceCBN:
             self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mu_bar)
             self.running_var.mul_(1 - self.momentum).add_(self.momentum * var_bar * n / (n - 1))
         self.history.append(dict(mu=mu_t.detach(), nu=nu_t.detach(), j_mu=j_mu, j_nu=j_nu, theta=theta_t.clone(),
-                                 m=m))
+                                 m=m, u=u))
         return y

@@ -35,6 +35,9 @@ from .common import DEVICES, sgd_step
     (dict(stat_grad_subsample=2.0), 'stat_grad_subsample.*2.0'),
     (dict(stat_grad_subsample=True), 'stat_grad_subsample.*True'),
     (dict(backward='autograd'), "backward must be one of \\('exact', 'authors'\\), got 'autograd'"),
+    (dict(second_order=-1), 'second_order.*-1'),
+    (dict(second_order=4.0), 'second_order.*4.0'),
+    (dict(second_order=True), 'second_order.*True'),
 ])
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -496,3 +499,80 @@ def test_half_module_with_cumulative_running_statistics_trains():
         y.float().square().mean().backward()
     assert layer.window_at(0).stats.dtype == torch.float32 and layer.running_var.dtype == torch.float16
     assert torch.isfinite(layer.running_var).all() and int(layer.num_batches_tracked) == 4
+
+
+# ----------------------------------------------------------------------------- the second-order term (second_order=r)
+def test_second_order_state_round_trip_dtype_cast_and_pickle():
+    """The r patches and their outputs travel with the window: a restored, cast, pickled or copied layer trains on
+    exactly as the original; a state without them (second_order=0) loads with zero patches."""
+    conv, layer = trained_layer(k=4, iters=5, second_order=6)
+    bank = layer.window_at(0)
+    assert bank.qs.shape == (1, 3, 6, 27 + 4) and bank.qs.abs().sum() > 0
+    state = layer.get_window_state()
+    assert state['tensors']['q'].shape == (3, 1, 6, 31)
+    fresh = CBN(4, window_size=4, second_order=6)
+    fresh.load_state_dict(layer.state_dict())
+    fresh.set_window_state(pickle.loads(pickle.dumps(state)))
+    half = copy.deepcopy(layer).half()
+    assert torch.equal(half.window_at(0).qs, bank.qs)  # fp32 bit for bit under a module cast
+    x = conv(torch.randn(2, 3, 6, 6))
+    clones = [fresh, pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)]
+    y = layer(x)
+    for clone in clones:
+        assert torch.equal(clone(x), y)
+    old = CBN(4, window_size=4, second_order=6)
+    old.set_window_state(dict(state, tensors={k: v for k, v in state['tensors'].items() if k != 'q'}))
+    assert old.window_length == 3 and not old.window_at(0).qs.any()
+    plain = CBN(4, window_size=4)  # a first-order layer ignores the patches
+    plain.set_window_state(state)
+    assert plain.window_at(0).qs is None
+
+
+def test_second_order_non_finite_slot_is_zero_and_switching_restarts():
+    conv, layer = trained_layer(k=4, iters=2, second_order=5)
+    bad = torch.randn(2, 3, 6, 6)
+    bad[0, 0, 0, 0] = float('nan')
+    layer(conv(bad)).sum().backward()
+    bank = layer.window_at(0)
+    assert bank.count == 3 and not bank.qs[:, 2].any() and torch.isfinite(bank.qs).all()
+    layer.second_order = 0  # another bank layout: the window starts afresh (BN meanwhile)
+    x = conv(torch.randn(2, 3, 6, 6))
+    y = layer(x)
+    bn = nn.BatchNorm2d(4)
+    bn.load_state_dict(layer.state_dict())
+    # fp32 roundings of values of size <= ~3 through the same formulas (1e-5 is ~100 u)
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps),
+                               rtol=1e-5, atol=1e-5)
+    assert layer.window_at(0).qs is None and layer.window_length == 1
+    with pytest.raises(ValueError, match='second_order.*-2'):
+        layer.second_order = -2
+
+
+def _window_after_a_turn(second_order):
+    """A 1x1 conv on 1x1 maps of 8 images (8 positions per iteration), turned by a large random step each iteration:
+    what a k=3 layer normalizes with at the third, and the stored images rerun through the current kernel."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 1, bias=False).double()
+    layer = CBN(4, window_size=3, second_order=second_order).double()
+    inputs = [torch.randn(8, 3, 1, 1, dtype=torch.float64) + 1 for _ in range(3)]
+    for u in inputs[:2]:
+        layer(conv(u)).square().mean().backward()
+        with torch.no_grad():
+            conv.weight.add_(torch.randn_like(conv.weight) * 0.3)
+            conv.weight.grad = None
+    layer(conv(inputs[2]))
+    var, mu = torch.var_mean(torch.cat([conv(u) for u in inputs]).detach(), dim=(0, 2, 3), correction=0)
+    return layer.last_call.stats, mu, var
+
+
+def test_second_order_makes_a_convolution_window_exact():
+    """With every position of each stored iteration among its r patches (8 positions, r = 8), the second-order term
+    is the whole remainder: the window statistics equal the stored images rerun through the current kernel. Eq. 8's
+    first order misses ``dW' M2 dW`` on the same trajectory."""
+    stats, mu, var = _window_after_a_turn(8)
+    # fp64 (u = 1.1e-16) over a few dozen terms of size ~10: 1e-12 absolute is far above their rounding
+    torch.testing.assert_close(stats.mu_bar, mu, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats.var_bar, var, rtol=0, atol=1e-12)
+    first, mu1, var1 = _window_after_a_turn(0)
+    torch.testing.assert_close(first.mu_bar, mu1, rtol=0, atol=1e-12)  # the mean is linear in the kernel
+    assert ((first.var_bar - var1).abs() / var1).max() > 1e-2  # the variance is not

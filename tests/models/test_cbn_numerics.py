@@ -270,12 +270,13 @@ def test_sync_counter_sees_syncs():
 @pytest.mark.parametrize('checkpointed', [False, True])
 @pytest.mark.parametrize('backward', ['exact', 'authors'])
 @pytest.mark.parametrize('sizes', [[6], [6, 4, 3], [4, 4]], ids=['one_call', 'levels', 'one_shape'])
-def test_training_iteration_makes_no_host_sync(sizes, backward, checkpointed, momentum, device):
+@pytest.mark.parametrize('second_order', [0, 4])
+def test_training_iteration_makes_no_host_sync(sizes, backward, checkpointed, momentum, device, second_order):
     """Burn-in (k=1 use, collecting), open windows, and checkpoint replay: no Python-visible host sync; on CUDA also
     none that torch's sync debug mode sees. Also for a layer called once per input size in each iteration (a head
     shared across FPN levels; with one shape for all calls, a replay picks its call on the device)."""
     conv = nn.Conv2d(3, 4, 3, padding=1).to(device)
-    layer = CBN(4, window_size=3, backward=backward, momentum=momentum).to(device)
+    layer = CBN(4, window_size=3, backward=backward, momentum=momentum, second_order=second_order).to(device)
     forward = (lambda t: checkpoint(lambda u: layer(conv(u)), t, use_reentrant=False)) if checkpointed else (
         lambda t: layer(conv(t)))
     for it in range(5):

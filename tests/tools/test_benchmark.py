@@ -78,3 +78,6 @@ def test_a_windowed_layer_iteration_launches_a_fixed_few_ops():
     authors, _ = benchmark.count_launches('authors k=4')
     assert ours['CBN k=4'] == ours['CBN k=8'] <= 52
     assert ours['CBN k=4 authors bw'] < ours['CBN k=4'] < authors - bn
+    # the second-order term (r patches per slot): 5 ops more, whatever r (issue 20; counted when it was added)
+    second = {r: benchmark.count_launches(f'CBN k=4 r={r}')[0] - bn for r in (4, 16)}
+    assert second[4] == second[16] <= ours['CBN k=4'] + 5
