@@ -25,6 +25,8 @@ Variants:
 * ``naive``: CBN without compensation;
 * ``cbn_authors``: CBN with the authors' backward (history constant);
 * ``cbn_exact``: CBN with the exact backward (the derivative through the compensation's dependence on the kernel);
+* ``cbn_second``: ``cbn_exact`` with ``second_order=16``, the centred moment moved to second order from 16 stored
+  input patches per slot (issue 20);
 * ``probe_m`` / ``probe_m_exact``: the backward counts the batch's ``m`` values instead of the window's ``n*m``
   (analysis only), with the authors' or the exact backward: a control that tells the count's effect apart. The
   probe changes the x-gradient's count only; the exact backward's history terms keep their ``w/n`` weights;
@@ -74,16 +76,19 @@ sys.path.insert(0, ROOT)
 from cbn_mmdet import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
 from paired_stats import paired_difference  # noqa: E402  (this folder: run as a script or with it on sys.path)
 
-VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'probe_m', 'probe_m_exact', 'cbn', 'oracle', 'ideal')
+VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'cbn_second', 'probe_m', 'probe_m_exact', 'cbn', 'oracle',
+            'ideal')
 MODELS = ('resnet', 'plain')
 CBN_VARIANTS = {  # variant -> (compensate, backward, count-m probe); 'cbn' is the layer's defaults
     'cbn': (True, None, False),
     'naive': (False, 'authors', False),
     'cbn_authors': (True, 'authors', False),
     'cbn_exact': (True, 'exact', False),
+    'cbn_second': (True, 'exact', False),  # and second_order=SECOND_ORDER (issue 20)
     'probe_m': (True, 'authors', True),
     'probe_m_exact': (True, 'exact', True),
 }
+SECOND_ORDER = {'cbn_second': 16}  # variant -> the layer's second_order (r patches per slot)
 DATASETS = ('mnist5k', 'digits')
 
 
@@ -187,6 +192,8 @@ def make_norm(variant: str, channels: int, k: int) -> nn.Module:
         return nn.GroupNorm(8, channels)
     compensate, backward, probe = CBN_VARIANTS[variant]
     options = dict(compensate=compensate) if backward is None else dict(compensate=compensate, backward=backward)
+    if variant in SECOND_ORDER:
+        options['second_order'] = SECOND_ORDER[variant]
     return (CountProbeCBN if probe else CrossIterationBatchNorm2d)(channels, window_size=k, **options)
 
 
