@@ -18,10 +18,10 @@ SUPPORTED = {
 }
 # the distributions that provide a package's modules, checked in this order (mmcv-lite is mmcv without its ops)
 DISTRIBUTIONS = {'mmcv': ('mmcv', 'mmcv-lite')}
-HOW_TO_INSTALL = ('In your own environment, install versions in these ranges (README: "Use it in your MMDetection '
-                  'project"). For this repository\'s CPU environment, run `make venv` (tools/setup_env.sh) from the '
-                  'repository root, which installs torch==2.13.0, mmcv==2.1.0 built with MMCV_WITH_OPS=1, '
-                  'mmengine==0.10.7 and mmdet==3.3.0 into .venv/.')
+HOW_TO_INSTALL = ('In your own environment, install versions in these ranges (README: "Installation in your own '
+                  'environment", and docs/install.md). For this repository\'s CPU environment, run `make venv` '
+                  '(tools/setup_env.sh) from the repository root, which installs torch==2.13.0, mmcv==2.1.0 built with '
+                  'MMCV_WITH_OPS=1, mmengine==0.10.7 and mmdet==3.3.0 into .venv/.')
 
 
 def supported_ranges() -> str:
