@@ -1,7 +1,8 @@
 """Does compensation make old statistics right for the current weights? Measured on real training trajectories.
 
     python tools/analysis/stats_error.py [--ks 2 4 8] [--lrs 0.02 0.1] [--seeds 0 1 2] [--steps 300]
-                                         [--stat-grad-subsample 1] [--out DIR]
+                                         [--stat-grad-subsample 1] [--backward exact|authors] [--second-order R]
+                                         [--out DIR]
 
 A small CNN (three conv -> CBN -> ReLU blocks) is trained on scikit-learn's bundled digits with 2 images per
 step and SGD with momentum. At every ``--every``-th step, from the same training forward, three estimates of each
@@ -18,7 +19,9 @@ error measured at a layer is that layer's own estimation error, not the upstream
 
 Errors (per layer, per step): ``|mu_est - mu_pop| / |sigma_pop|`` and ``|sigma_est - sigma_pop| / |sigma_pop|``
 (L2 norms over channels). ``--stat-grad-subsample r`` trains CBN with its opt-in approximation of ``dnu/dW`` (every
-r-th row), so that its effect on these errors can be compared with exact CBN on the same seeds.
+r-th row), so that its effect on these errors can be compared with exact CBN on the same seeds. ``--backward`` and
+``--second-order`` set the layer's options of those names (default: the layer's defaults); the JSON's ``settings``
+and ``layer`` record what ran.
 
 It also measures the truncation assumption (paper Sec. 4.4, Fig. 6) on the same trajectories:
 
@@ -63,12 +66,12 @@ def load_digits_tensor():
 class DigitsNet(nn.Module):
     """conv -> CBN -> ReLU, three times, then global pooling and a linear classifier."""
 
-    def __init__(self, window_size, stat_grad_subsample=1):
+    def __init__(self, window_size, stat_grad_subsample=1, **options):
         super().__init__()
         self.convs = nn.ModuleList([nn.Conv2d(1, 16, 3, padding=1), nn.Conv2d(16, 32, 3, padding=1, stride=2),
                                     nn.Conv2d(32, 32, 3, padding=1)])
         self.norms = nn.ModuleList([CrossIterationBatchNorm2d(c, window_size=window_size,
-                                                              stat_grad_subsample=stat_grad_subsample)
+                                                              stat_grad_subsample=stat_grad_subsample, **options)
                                     for c in (16, 32, 32)])
         self.fc = nn.Linear(32, 10)
 
@@ -120,9 +123,9 @@ def jacobians(model, layer, batch):
     return out
 
 
-def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsample=1):
+def run_one(k, lr, seed, steps, every, batch_size, images, labels, big, subsample=1, options=None):
     torch.manual_seed(seed)
-    model = DigitsNet(k, subsample)
+    model = DigitsNet(k, subsample, **(options or {}))
     optim = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(1000 + seed)
     pre = {}
@@ -216,21 +219,27 @@ def main(argv=None):
     parser.add_argument('--big', type=int, default=512, help='images of the population batch')
     parser.add_argument('--stat-grad-subsample', type=int, default=1,
                         help="CBN's opt-in approximation: dnu/dW from every r-th row (1: exact)")
+    parser.add_argument('--backward', default=None, choices=('exact', 'authors'),
+                        help="CBN's backward (default: the layer's default)")
+    parser.add_argument('--second-order', type=int, default=None,
+                        help="CBN's second_order, r patches per slot (default: the layer's default)")
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/stats_error'))
     args = parser.parse_args(argv)
+    options = {k: v for k, v in (('backward', args.backward), ('second_order', args.second_order)) if v is not None}
     if args.stat_grad_subsample < 1:
         raise ValueError(f'--stat-grad-subsample must be >= 1, got {args.stat_grad_subsample}')
     torch.set_num_threads(1)
     images, labels = load_digits_tensor()
     big = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.big]]
-    result = dict(settings=vars(args), runs=[])
+    probe = CrossIterationBatchNorm2d(1, **options)
+    result = dict(settings=vars(args), layer=dict(backward=probe.backward, second_order=probe.second_order), runs=[])
     curves = {}
     for lr in args.lrs:
         for k in args.ks:
             errs, truncs, biases = defaultdict(list), defaultdict(list), defaultdict(list)
             for seed in args.seeds:
                 e, t, b = run_one(k, lr, seed, args.steps, args.every, args.batch_size, images, labels, big,
-                                  args.stat_grad_subsample)
+                                  args.stat_grad_subsample, options)
                 for merged, new in ((errs, e), (truncs, t), (biases, b)):
                     for key, v in new.items():
                         merged[key] += v
