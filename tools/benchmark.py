@@ -263,7 +263,7 @@ def conv_norm_step(conv, norm, u, grad):
     return step
 
 
-def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=True, subsample=0):
+def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=True, subsample=0, second_order=0):
     torch.manual_seed(0)
     n, c, h, w = shape
     u = torch.randn(shape, device=device, requires_grad=True)
@@ -278,6 +278,9 @@ def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=T
     if subsample > 1:  # the opt-in approximation of dnu/dW
         cases[f'CBN k=4 r={subsample}'] = conv_norm_step(
             conv, CrossIterationBatchNorm2d(c, window_size=4, stat_grad_subsample=subsample).to(device), u, grad)
+    if second_order:  # the second-order term from r stored patches per slot
+        cases[f'CBN k=4 second_order={second_order}'] = conv_norm_step(
+            conv, CrossIterationBatchNorm2d(c, window_size=4, second_order=second_order).to(device), u, grad)
     if authors:  # the same layer with the authors' backward: what the exact backward costs on top
         cases['CBN k=4 authors bw'] = conv_norm_step(
             conv, CrossIterationBatchNorm2d(c, window_size=4, backward='authors').to(device), u, grad)
@@ -295,11 +298,11 @@ def layer_cases(shape, device, windows=(4, ), naive=True, authors=True, others=T
     return cases
 
 
-def history_bytes(shape, k=4, device='cpu'):
+def history_bytes(shape, k=4, device='cpu', second_order=0):
     """Bytes of the window of one CBN layer (full, k) against the authors' 3(k-1) kernels + 2(k-1) vectors."""
     n, c, h, w = shape
     conv = nn.Conv2d(c, c, 3, padding=1, bias=False).to(device)
-    layer = CrossIterationBatchNorm2d(c, window_size=k).to(device)
+    layer = CrossIterationBatchNorm2d(c, window_size=k, second_order=second_order).to(device)
     u = torch.randn(shape, device=device)
     for _ in range(k):
         layer(conv(u)).sum().backward()
@@ -312,7 +315,8 @@ def history_bytes(shape, k=4, device='cpu'):
 def run_layer(args, device):
     out = {}
     for shape in ((2, 256, 64, 64), (512, 256, 7, 7)):
-        times = interleaved(layer_cases(shape, device, subsample=args.subsample), args.reps, args.warmup, device)
+        times = interleaved(layer_cases(shape, device, subsample=args.subsample, second_order=args.second_order),
+                            args.reps, args.warmup, device)
         key = 'x'.join(map(str, shape))
         out[key] = dict(
             times={k: summary(v) for k, v in times.items()},
@@ -324,6 +328,10 @@ def run_layer(args, device):
             cbn_over_bn=paired(times, 'CBN k=4', 'BN'),
             authors_over_bn=paired(times, 'authors k=4', 'BN'),
             history=history_bytes(shape, device=device))
+        if args.second_order:
+            out[key]['second_order_minus_bn_over_floor'] = paired(times, f'CBN k=4 second_order={args.second_order}',
+                                                                  'BN', scale='floor: 1 weight-grad')
+            out[key]['history_second_order'] = history_bytes(shape, device=device, second_order=args.second_order)
         if args.subsample > 1:
             out[key]['subsampled_minus_bn_over_floor'] = paired(times, f'CBN k=4 r={args.subsample}', 'BN',
                                                                 scale='floor: 1 weight-grad')
@@ -355,7 +363,8 @@ def print_layer(key, r):
                          ('(exact - authors bw)/fl', 'exact_minus_authors_bw_over_floor'),
                          ('(Naive - BN) / floor', 'naive_minus_bn_over_floor'), ('CBN / BN', 'cbn_over_bn'),
                          ('authors / BN', 'authors_over_bn'),
-                         ('(CBN r - BN) / floor', 'subsampled_minus_bn_over_floor')):
+                         ('(CBN r - BN) / floor', 'subsampled_minus_bn_over_floor'),
+                         ('(2nd order - BN)/floor', 'second_order_minus_bn_over_floor')):
         if field not in r:
             continue
         s = r[field]
@@ -544,6 +553,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--cases', default='launch,layer,window,model,memory')
     parser.add_argument('--reps', type=int, default=15, help='repetitions of the layer cases (median)')
+    parser.add_argument('--second-order', type=int, default=0,
+                        help="also time CBN with second_order=R in the layer case (0: not)")
     parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--subsample', type=int, default=4,
@@ -563,6 +574,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.subsample < 1:
         parser.error(f'--subsample must be >= 1, got {args.subsample}')
+    if args.second_order < 0:
+        parser.error(f'--second-order must be >= 0, got {args.second_order}')
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     result = dict(device=str(device), torch=torch.__version__,
