@@ -19,8 +19,9 @@ would need a change in every loss of mmdet. The two passes keep mmdet's code as 
   on its own Python, NumPy and torch random states (saved and restored around it), so the training batches' flips
   and RoI sampling draw from the same random streams as a BN run of the same seed, and the extra images' draws are
   reproducible. Every buffer of the model is restored after the pass, so a norm that trains elsewhere (the
-  backbone's BN, when it is not frozen) keeps one running-statistics update per iteration. It then switches the norms to ``use`` phase for the real iteration; ``after_train_iter`` checks that
-  every norm was used as many times as it recorded, and clears the records.
+  backbone's BN, when it is not frozen) keeps one running-statistics update per iteration. It then switches the
+  norms to ``use`` phase for the real iteration; ``after_train_iter`` checks that every norm was used as many
+  times as it recorded, and clears the records.
 * :class:`IdealStatsBN` (a ``BatchNorm2d``). ``record``: it appends the per-channel count, mean and sum of squared
   deviations of its input (detached, float64) to a list, one entry per call, and normalizes with the input's own
   statistics, running statistics untouched. ``use``: the ``i``-th call of the iteration pools the ``i``-th record

@@ -126,7 +126,7 @@ def test_ideal_in_the_study_and_the_hook_on_the_toy_detector(tmp_path):
                                    '--data-root', str(tmp_path / 'data')])
     (run, ) = result['runs']
     assert run['method'] == 'ideal' and run['iters'] == 3 and run['finite_loss'] and 0 <= run['bbox_mAP'] <= 1
-    assert 'ideal' in detection_study.CONTROLS  # not run by default
+    assert 'ideal' in detection_study.CONTROLS and 'ideal' in detection_study.WINDOWED  # not by default; k counts
     path = out / 'runs' / 'ideal_seed0' / 'config.py'
     cfg = Config.fromfile(str(path))
     assert cfg.model.neck.norm_cfg == dict(type='IdealStatsBN', requires_grad=True)
