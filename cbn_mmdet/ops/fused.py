@@ -20,8 +20,11 @@ Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.
   A skipped (non-finite) or empty slot holds zeros: no NaN is ever stored, and a zero row is finite under any kernel.
 * ``gp`` (C + g, T, D): ``G = ds/dW`` (C rows) and ``P = dmu/dW`` (g rows, one per group), with
   ``D = C_in/g * kh * kw``; channel-major, so that the per-channel products are batched matrix products.
-* ``work``, one flat buffer ``[entry (F, C) | gp entry (C + g, D) | sums (4, C)]``: the current iteration's fields,
-  its kernel gradients, and the window's sums. One reduction over it decides, on the device, whether everything this
+* ``qs`` (g, T, r, D + C/g), only with ``second_order = r > 0``: per slot, ``r`` centred input patches
+  ``X' = P - x_i`` and their outputs ``Y' = W_tau X'``, from which :func:`compensate_bank` adds the second-order
+  term ``mean_i ((W_t - W_tau) . (P - x_i))^2`` to the centred moment.
+* ``work``, one flat buffer ``[gp entry (C + g, D) | q entry (g, r, D + C/g) | entry (F, C) | sums (4, C)]``: the
+  current iteration's kernel gradients, patches, fields and the window's sums. One reduction over it decides, on the device, whether everything this
   forward computed is finite.
 
 With the current iteration as an extra row of weight 1 (``E = mu_t``, ``Q = s_t``, ``ONE = 1``, ``M = m_t``), one
