@@ -44,7 +44,8 @@ Variants:
 conv -> norm -> ReLU layers), seeds and schedule, run once the default was chosen on the ResNet runs.
 
 Each run writes ``runs/<dataset>_<variant>_bs<bs>_seed<seed>.json`` (test and train top-1, and the mean |cos| of
-every conv's kernel gradient with its kernel, ``||W||``, over training); existing runs are skipped, so an interrupted
+every conv's kernel gradient with its kernel, ``||W||``, over training, and how fast the kernels turn: the angle
+per step and across the ``k - 1`` steps of a window, :class:`KernelDrift`); existing runs are skipped, so an interrupted
 study resumes where it stopped. Evaluation statistics, as controls: ``test_top1`` uses the layer's running
 statistics (CBN: an EMA of the window statistics), ``test_top1_batch_ema`` the authors' EMA of batch statistics
 (CBN only), ``test_top1_precise`` statistics recomputed over the training set after training (precise BN).
@@ -338,6 +339,7 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
     gen_extra = torch.Generator().manual_seed(2000 + seed)  # apart from gen: the batches are every variant's
     batch_ema = BatchStatsEMA(cbns) if cbns else None
     cos_sum, cos_n, start, wall = np.zeros(len(convs)), 0, time.process_time(), time.time()
+    drift = KernelDrift(convs, k)
     it = 0
     for epoch in range(epochs):
         order = torch.randperm(len(train_x), generator=gen)
@@ -360,6 +362,7 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                             for c in convs]
                 cos_n += 1
             optim.step()
+            drift.step(measure=it % log_every == 0 and it >= burnin)
             it += 1
     # evaluation statistics, as controls: the layer's EMA of the window statistics (test_top1, what a user gets), the
     # authors' EMA of batch statistics, and precise statistics recomputed over the training set after training
@@ -378,9 +381,54 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 train_top1=accuracy(model, train_x, train_y),
                 abs_cos_grad_kernel=float((cos_sum / max(cos_n, 1)).mean()),
                 kernel_norm=float(np.mean([c.weight.norm().item() for c in convs])),
+                **drift.summary(),
                 cpu_seconds=time.process_time() - start, wall_seconds=time.time() - wall, device=str(device),
                 # cuDNN's TF32 (PyTorch's default on CUDA, what users get) rounds conv inputs to 10 bits
                 cudnn_tf32=torch.backends.cudnn.allow_tf32 if str(device).startswith('cuda') else None)
+
+
+class KernelDrift:
+    """How fast the kernels before the norms turn (issue 20's mechanism): at measured steps after burn-in, per conv,
+    the angle between the kernel after this step and after the previous one, and after ``k - 1`` steps before (the
+    span of a full window), and the kernel's norm. It reads the kernels only, so training is unchanged. It keeps the
+    last ``k`` kernels of each conv (one device copy per step) and syncs with the host at measured steps only."""
+
+    def __init__(self, convs, k: int):
+        self.convs, self.span = convs, max(k - 1, 1)
+        self.history = [[] for _ in convs]  # per conv, the last span + 1 kernels (oldest first)
+        self.step_angle, self.window_angle, self.norm = [], [], []
+
+    @staticmethod
+    def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
+        cos = F.cosine_similarity(a.double(), b.double(), 0).clamp(-1, 1).item()
+        return math.acos(cos)
+
+    @torch.no_grad()
+    def step(self, measure: bool) -> None:
+        rows = []
+        for conv, hist in zip(self.convs, self.history):
+            w = conv.weight.detach().flatten().clone()
+            hist.append(w)
+            if len(hist) > self.span + 1:
+                hist.pop(0)
+            if measure and len(hist) == self.span + 1:
+                rows.append((self._angle(w, hist[-2]), self._angle(w, hist[0]), w.norm().item()))
+        if measure and len(rows) == len(self.convs):
+            step, window, norm = zip(*rows)
+            self.step_angle.append(step)
+            self.window_angle.append(window)
+            self.norm.append(norm)
+
+    def summary(self) -> dict:
+        """Means over the measured steps, averaged over the convs, and per conv (None before any measurement)."""
+        if not self.step_angle:
+            return dict(kernel_angle_step=None, kernel_angle_window=None, kernel_norm_mean=None)
+        per_conv = {name: np.mean(np.asarray(v), 0) for name, v in
+                    (('step', self.step_angle), ('window', self.window_angle), ('norm', self.norm))}
+        return dict(kernel_angle_step=float(per_conv['step'].mean()),
+                    kernel_angle_window=float(per_conv['window'].mean()),
+                    kernel_norm_mean=float(per_conv['norm'].mean()), kernel_window_span=self.span,
+                    kernel_drift_per_conv={k: v.tolist() for k, v in per_conv.items()})
 
 
 def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStatsEMA:

@@ -12,6 +12,8 @@ each of:
 * ``naive-cbn``: Naive CBN, k=4 (no Taylor compensation), the same images per iteration;
 * ``cbn-authors``: CBN, k=4, with the authors' backward (the compensated history held constant);
 * ``cbn``: CBN, k=4, the layer's default options (the exact backward), the same images per iteration;
+* ``cbn-second`` (not run by default): ``cbn`` with ``second_order=16``, the centred moment moved to second order
+  from 16 stored input patches per slot (issue 20);
 * ``bn-large``: BN at ``--large-batch`` images per iteration (default 8 = 4 x 2, the effective example count of
   the k=4 window), the upper bound; the same number of iterations and learning rate, so it also sees 4x the images;
 * ``gn-neck`` / ``gn-head`` (controls, not run by default): GN in the neck and BN in the box head, or the reverse,
@@ -67,10 +69,11 @@ NORMS = {
     'naive-cbn': "dict(type='CBN', window_size=4, compensate=False, requires_grad=True)",
     'cbn-authors': "dict(type='CBN', window_size=4, backward='authors', requires_grad=True)",
     'cbn': "dict(type='CBN', window_size=4, requires_grad=True)",
+    'cbn-second': "dict(type='CBN', window_size=4, second_order=16, requires_grad=True)",  # issue 20
     'bn-large': "dict(type='BN', requires_grad=True)",
     'ideal': "dict(type='IdealStatsBN', requires_grad=True)",  # with IdealStatsHook
 }
-CONTROLS = ('ideal', 'gn-neck', 'gn-head')  # not in the default --methods
+CONTROLS = ('ideal', 'gn-neck', 'gn-head', 'cbn-second')  # not in the default --methods
 # controls that place GN's lead: GN in one part, BN in the other, (neck, box head)
 SPLIT = {'gn-neck': ('gn', 'bn-small'), 'gn-head': ('bn-small', 'gn')}
 METHODS = tuple(NORMS) + tuple(SPLIT)
@@ -80,7 +83,8 @@ WINDOWED = tuple(m for m, norm in NORMS.items() if "'CBN'" in norm) + ('ideal', 
 PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'), ('gn', 'cbn'), ('gn', 'bn-small'),
          ('cbn', 'naive-cbn'), ('bn-large', 'cbn'), ('bn-large', 'bn-small'), ('bn-large', 'gn'),
          ('gn-neck', 'bn-small'), ('gn-head', 'bn-small'), ('gn', 'gn-neck'), ('gn', 'gn-head'),
-         ('ideal', 'bn-small'), ('ideal', 'cbn'), ('bn-large', 'ideal'))
+         ('ideal', 'bn-small'), ('ideal', 'cbn'), ('bn-large', 'ideal'), ('cbn-second', 'cbn'),
+         ('cbn-second', 'bn-small'))
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
 
 
