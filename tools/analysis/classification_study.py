@@ -75,6 +75,7 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from cbn_mmdet import CrossIterationBatchNorm2d, resolve_auto_window  # noqa: E402
+from kernel_drift import KernelDrift  # noqa: E402  (this folder, as paired_stats)
 from paired_stats import paired_difference  # noqa: E402  (this folder: run as a script or with it on sys.path)
 
 VARIANTS = ('bn', 'gn', 'naive', 'cbn_authors', 'cbn_exact', 'cbn_second', 'probe_m', 'probe_m_exact', 'cbn', 'oracle',
@@ -385,50 +386,6 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
                 cpu_seconds=time.process_time() - start, wall_seconds=time.time() - wall, device=str(device),
                 # cuDNN's TF32 (PyTorch's default on CUDA, what users get) rounds conv inputs to 10 bits
                 cudnn_tf32=torch.backends.cudnn.allow_tf32 if str(device).startswith('cuda') else None)
-
-
-class KernelDrift:
-    """How fast the kernels before the norms turn (issue 20's mechanism): at measured steps after burn-in, per conv,
-    the angle between the kernel after this step and after the previous one, and after ``k - 1`` steps before (the
-    span of a full window), and the kernel's norm. It reads the kernels only, so training is unchanged. It keeps the
-    last ``k`` kernels of each conv (one device copy per step) and syncs with the host at measured steps only."""
-
-    def __init__(self, convs, k: int):
-        self.convs, self.span = convs, max(k - 1, 1)
-        self.history = [[] for _ in convs]  # per conv, the last span + 1 kernels (oldest first)
-        self.step_angle, self.window_angle, self.norm = [], [], []
-
-    @staticmethod
-    def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
-        cos = F.cosine_similarity(a.double(), b.double(), 0).clamp(-1, 1).item()
-        return math.acos(cos)
-
-    @torch.no_grad()
-    def step(self, measure: bool) -> None:
-        rows = []
-        for conv, hist in zip(self.convs, self.history):
-            w = conv.weight.detach().flatten().clone()
-            hist.append(w)
-            if len(hist) > self.span + 1:
-                hist.pop(0)
-            if measure and len(hist) == self.span + 1:
-                rows.append((self._angle(w, hist[-2]), self._angle(w, hist[0]), w.norm().item()))
-        if measure and len(rows) == len(self.convs):
-            step, window, norm = zip(*rows)
-            self.step_angle.append(step)
-            self.window_angle.append(window)
-            self.norm.append(norm)
-
-    def summary(self) -> dict:
-        """Means over the measured steps, averaged over the convs, and per conv (None before any measurement)."""
-        if not self.step_angle:
-            return dict(kernel_angle_step=None, kernel_angle_window=None, kernel_norm_mean=None)
-        per_conv = {name: np.mean(np.asarray(v), 0) for name, v in
-                    (('step', self.step_angle), ('window', self.window_angle), ('norm', self.norm))}
-        return dict(kernel_angle_step=float(per_conv['step'].mean()),
-                    kernel_angle_window=float(per_conv['window'].mean()),
-                    kernel_norm_mean=float(per_conv['norm'].mean()), kernel_window_span=self.span,
-                    kernel_drift_per_conv={k: v.tolist() for k, v in per_conv.items()})
 
 
 def _remap(ema: BatchStatsEMA, model: nn.Module, other: nn.Module) -> BatchStatsEMA:

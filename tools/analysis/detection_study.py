@@ -86,6 +86,10 @@ PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'
          ('ideal', 'bn-small'), ('ideal', 'cbn'), ('bn-large', 'ideal'), ('cbn-second', 'cbn'),
          ('cbn-second', 'bn-small'))
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
+# --drift-interval: what each run keeps of tools/analysis/kernel_drift.py's measurement (means over the neck's and
+# box head's convs, and per conv)
+DRIFT_KEYS = ('kernel_angle_step', 'kernel_angle_window', 'kernel_norm_mean', 'kernel_window_span',
+              'kernel_measured_steps', 'kernel_drift_per_conv', 'convs')
 
 
 def run_config(method: str, seed: int, images: int, args) -> str:
@@ -107,6 +111,12 @@ def run_config(method: str, seed: int, images: int, args) -> str:
     if method == 'ideal':  # ideal_stats is in tools/analysis, on sys.path in the study's runs
         hooks.append(f"dict(type='IdealStatsHook', num_images={(args.window_size - 1) * images})")
         imports = "custom_imports = dict(imports=['cbn_mmdet', 'ideal_stats'], allow_failed_imports=False)\n"
+    drift = getattr(args, 'drift_interval', 0)
+    if drift:  # how fast the neck's and box head's kernels turn after burn-in (issue 20; tools/analysis/kernel_drift.py)
+        hooks.append(f"dict(type='KernelDriftHook', window_size={args.window_size}, interval={drift}, "
+                     f"begin={burnin if 'cbn' in method else 0})")
+        imports = imports or "custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)\n"
+        imports = imports.replace("'cbn_mmdet'", "'cbn_mmdet', 'kernel_drift'")
     if getattr(args, 'stats_interval', 0):
         hooks.append(f"dict(type='CBNStatsErrorHook', interval={args.stats_interval}, num_images=16, chunk=4)")
     hooks = '[' + ', '.join(hooks) + ']'
@@ -168,6 +178,10 @@ def single_run(args) -> dict:
     runner = train_tool.main([config, '--work-dir', work_dir])
     train_cpu = time.process_time() - start_cpu
     metrics = runner.val()
+    drift = {}
+    if getattr(args, 'drift_interval', 0):
+        with open(osp.join(work_dir, 'kernel_drift.json')) as f:
+            drift = {k: v for k, v in json.load(f).items() if k in DRIFT_KEYS}
     result = dict(method=method, seed=seed, detector=args.detector, images_per_iter=images, iters=runner.iter,
                   lr=args.lr,
                   window_size=args.window_size, stat_grad_subsample=args.stat_grad_subsample,
@@ -176,7 +190,7 @@ def single_run(args) -> dict:
                   # CocoMetric returns no keys when the model detects nothing at all: that is an mAP of 0
                   no_detections=not metrics, backbone_checkpoint=args.backbone_checkpoint,
                   checkpoint=osp.join(work_dir, f'iter_{runner.iter}.pth') if args.save_checkpoint else None,
-                  **{key: float(metrics.get(f'coco/{key}', 0.0)) for key in METRICS})
+                  **{key: float(metrics.get(f'coco/{key}', 0.0)) for key in METRICS}, **drift)
     with open(osp.join(work_dir, 'metrics.json'), 'w') as f:
         json.dump(result, f, indent=1)
     return result
@@ -194,7 +208,8 @@ def launch(args, method: str, seed: int) -> dict:
            '--images-per-iter', str(args.images_per_iter), '--large-batch', str(args.large_batch), '--lr',
            str(args.lr), '--threads', str(args.threads), '--out', args.out, '--data-root', args.data_root,
            '--window-size', str(args.window_size), '--stats-interval', str(getattr(args, 'stats_interval', 0)),
-           '--stat-grad-subsample', str(args.stat_grad_subsample), '--detector', args.detector]
+           '--stat-grad-subsample', str(args.stat_grad_subsample), '--detector', args.detector,
+           '--drift-interval', str(getattr(args, 'drift_interval', 0))]
     if getattr(args, 'backbone_checkpoint', None):
         cmd += ['--backbone-checkpoint', args.backbone_checkpoint]
     if getattr(args, 'save_checkpoint', False):
@@ -234,6 +249,8 @@ def _finished(work_dir: str, args, method: str):
                          'use another --out')
     if getattr(args, 'save_checkpoint', False) and not (result.get('checkpoint') and osp.exists(result['checkpoint'])):
         return None
+    if getattr(args, 'drift_interval', 0) and result.get('kernel_angle_step') is None:
+        return None  # run again, measuring the kernels
     return result
 
 
@@ -263,6 +280,8 @@ def summarize(runs) -> dict:
                                **{key: [float(np.mean([r[key] for r in rows])),
                                         float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
                                   for key in METRICS})
+            if all(r.get('kernel_angle_step') is not None for r in rows):  # --drift-interval
+                out[method].update({key: float(np.mean([r[key] for r in rows])) for key in DRIFT_KEYS[:3]})
     return out
 
 
@@ -344,6 +363,9 @@ def main(argv=None):
                         help='train nothing: summarize and plot the requested runs that are on disk (the pretraining '
                         'run too)')
     parser.add_argument('--stats-interval', type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument('--drift-interval', type=int, default=0,
+                        help='every N iterations after burn-in, record how fast the kernels before the neck\'s and '
+                        'box head\'s norms turn (tools/analysis/kernel_drift.py; 0: off)')
     parser.add_argument('--pretrain-iters', type=int, default=0,
                         help='first train a BN model (bn-small, 2 threads) this long and use its backbone, frozen, '
                         'in every run (the paper\'s fixed-BN backbone); 0: backbones train from scratch')

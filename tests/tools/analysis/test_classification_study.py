@@ -122,29 +122,3 @@ def test_window_size_overrides_k_and_is_checked_on_resume(tmp_path):
     only_bn = study.main(argv + ['--variants', 'bn', '--window-size', '2', '--out', out, '--summarize'])
     assert only_bn['table']['bn@32']['seeds'] == [0]
 
-
-def test_kernel_drift_measures_a_known_rotation():
-    """A kernel turned by theta each step in a fixed plane, its norm growing: KernelDrift reads theta per step,
-    (k - 1) theta across the window, and the mean norm, from the steps it is told to measure only."""
-    import math
-
-    import torch
-    conv = torch.nn.Conv2d(1, 2, 1, bias=False)
-    theta, k = 0.03, 4
-    drift = study.KernelDrift([conv], k)
-    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
-    norms = []
-    for t in range(12):
-        norm = 1.0 + 0.1 * t
-        conv.weight.data.copy_((norm * (math.cos(t * theta) * e1 + math.sin(t * theta) * e2)).view(2, 1, 1, 1))
-        measure = t >= 6 and t % 2 == 0  # t = 6, 8, 10: each with k - 1 earlier kernels stored
-        drift.step(measure)
-        norms += [norm] if measure else []
-    out = drift.summary()
-    # the kernels are fp32: rounding each component by at most 2^-24 relative turns a direction by at most ~1e-7 rad;
-    # cos and acos in fp64 add about 1e-16 / sin(angle) < 1e-14 at these angles (0.03-0.09 rad). 1e-5 bounds both
-    assert out['kernel_angle_step'] == pytest.approx(theta, abs=1e-5)
-    assert out['kernel_angle_window'] == pytest.approx((k - 1) * theta, abs=1e-5)
-    assert out['kernel_norm_mean'] == pytest.approx(sum(norms) / len(norms), rel=1e-6)  # fp32 norms of 2-vectors
-    assert out['kernel_window_span'] == k - 1
-    assert study.KernelDrift([conv], k).summary()['kernel_angle_step'] is None
