@@ -2,10 +2,10 @@
 
     python tools/analysis/detection_stats_error.py [--ks 2 4 8] [--lrs 0.02 0.05] [--subsamples 1] [--seeds 0]
                                                    [--iters 200] [--interval 10] [--backbone-checkpoint CKPT]
-                                                   [--out DIR]
+                                                   [--method cbn|cbn-second] [--out DIR]
 
 The toy Faster R-CNN with CBN in the FPN neck and the 4conv1fc box head (``tools/analysis/detection_study.py``,
-method ``cbn``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
+method ``cbn``, the layer's defaults, or ``--method cbn-second``, with ``second_order=16``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
 every ``--interval`` iterations, once the windows are open, how far CBN's, Naive CBN's and BN's statistics are from
 the population statistics (16 fixed training images through the same weights, every normalization frozen to what it
 used in the training forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
@@ -14,7 +14,8 @@ example the pretraining run of ``detection_study.py --pretrain-iters``) and free
 ``--subsamples 1 4`` also trains every setting with CBN's opt-in approximation ``stat_grad_subsample=4`` (``dnu/dW``
 from every 4th RoI or row), so that its cost in accuracy is measured against exact CBN on the same seeds.
 
-Writes ``detection_stats_error.json`` (mean errors per k, lr, layer group and estimator) and
+Writes ``detection_stats_error.json`` (mean errors per k, lr, layer group and estimator, and the norm config and
+backward the runs used) and
 ``detection_stats_error.png`` into ``--out`` (default ``work_dirs/analysis/detection_stats_error``).
 """
 import argparse
@@ -60,6 +61,8 @@ def main(argv=None):
     parser.add_argument('--subsamples', type=int, nargs='+', default=[1],
                         help="CBN's stat_grad_subsample values to train with (1: exact)")
     parser.add_argument('--interval', type=int, default=10, help='iterations between measurements')
+    parser.add_argument('--method', default='cbn', choices=('cbn', 'cbn-second'),
+                        help="detection_study's method: 'cbn' (the layer's defaults) or 'cbn-second' (second_order=16)")
     detection_study.add_run_args(parser)
     parser.add_argument('--out', default=osp.join(ROOT, 'work_dirs/analysis/detection_stats_error'))
     parser.set_defaults(seeds=[0], iters=200)
@@ -72,7 +75,7 @@ def main(argv=None):
         raise ValueError(f'--subsamples must all be >= 1, got {args.subsamples}')
     if args.interval < 1:
         raise ValueError(f'--interval must be >= 1, got {args.interval}')
-    # every run is method 'cbn' at --images-per-iter; k, lr and the subsampling are set per setting below
+    # every run is --method at --images-per-iter; k, lr and the subsampling are set per setting below
     args.large_batch, args.window_size, args.lr, args.stats_interval = 8, min(args.ks), min(args.lrs), args.interval
     args.stat_grad_subsample = min(args.subsamples)
     detection_study.check_args(args)
@@ -86,18 +89,23 @@ def main(argv=None):
                 run_args.lr, run_args.window_size, run_args.stat_grad_subsample = lr, k, sub
                 run_args.out = osp.join(args.out, f'k{k}_lr{lr}' + (f'_sub{sub}' if sub != 1 else ''))
                 settings.append(run_args)
-    jobs = [(s, 'cbn', seed) for s in settings for seed in args.seeds]
+    jobs = [(s, args.method, seed) for s in settings for seed in args.seeds]
     print(f'detection_stats_error: {len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time', flush=True)
     runs = detection_study.run_all(args, jobs)
 
     kept = ('ks', 'lrs', 'subsamples', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads',
-            'backbone_checkpoint')
-    result = dict(settings={k: v for k, v in vars(args).items() if k in kept}, runs=[])
+            'backbone_checkpoint', 'method')
+    # the norm config the runs used (k set per setting), and the layer's defaults it did not name (the backward)
+    from cbn_mmdet import CrossIterationBatchNorm2d
+    probe = CrossIterationBatchNorm2d(1, **({'second_order': 16} if args.method == 'cbn-second' else {}))
+    result = dict(settings={k: v for k, v in vars(args).items() if k in kept},
+                  norm_cfg=detection_study.NORMS[args.method],
+                  layer=dict(backward=probe.backward, second_order=probe.second_order), runs=[])
     curves = {}
     for run_args in settings:
         records = []
         for seed in args.seeds:
-            path = osp.join(run_args.out, 'runs', f'cbn_seed{seed}', 'cbn_stats_error.json')
+            path = osp.join(run_args.out, 'runs', f'{args.method}_seed{seed}', 'cbn_stats_error.json')
             with open(path) as f:
                 records += json.load(f)['records']
         mine = [r for r in runs if r['lr'] == run_args.lr and r['window_size'] == run_args.window_size

@@ -11,7 +11,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.runner import CheckpointLoader
 
-import cbn_mmdet  # noqa: F401
+from cbn_mmdet import CrossIterationBatchNorm2d
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
@@ -131,6 +131,21 @@ def test_stats_error_tiny_run(tmp_path):
     assert approx.model.neck.norm_cfg.stat_grad_subsample == 2
     assert approx.model.roi_head.bbox_head.norm_cfg.stat_grad_subsample == 2
     assert (out / 'detection_stats_error.png').stat().st_size > 1000
+    # the JSON says which layer options the figures come from, the defaults included
+    default = CrossIterationBatchNorm2d(1)
+    assert saved['layer'] == dict(backward=default.backward, second_order=default.second_order)
+    assert saved['settings']['method'] == 'cbn' and saved['norm_cfg'] == detection_study.NORMS['cbn']
+
+
+def test_stats_error_with_the_second_order_term(tmp_path):
+    out = tmp_path / 'stats2'
+    detection_stats_error.main(['--ks', '3', '--lrs', '0.02', '--iters', '8', '--interval', '4', '--method',
+                                'cbn-second', '--out', str(out), '--data-root', str(tmp_path / 'data')])
+    with open(out / 'detection_stats_error.json') as f:
+        saved = json.load(f)
+    assert saved['layer']['second_order'] == 16 and saved['runs'][0]['measurements'] == 2 * 12  # iterations 4, 8
+    cfg = Config.fromfile(str(out / 'k3_lr0.02' / 'runs' / 'cbn-second_seed0' / 'config.py'))
+    assert cfg.model.neck.norm_cfg.second_order == 16 and cfg.model.roi_head.bbox_head.norm_cfg.second_order == 16
 
 
 @pytest.mark.parametrize('tool, argv, match', [
