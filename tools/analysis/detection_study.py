@@ -31,7 +31,7 @@ in its own process with ``--threads`` torch threads. Each run's config, log and 
 A run whose ``metrics.json`` is on disk with the same settings is not run again, so an interrupted study resumes
 where it stopped (and a pretraining run's checkpoint is reused the same way). BN and GN runs do not depend on the
 window's options (``--window-size``), so a window-length study may share them: link or copy their run folders, and
-the pretraining folder, into its ``--out`` (README, "The window's length").
+the pretraining folder, into its ``--out`` (docs/studies/classification.md, "The window's length").
 
 By default the backbone trains from scratch with BN at the run's batch. ``--pretrain-iters N`` first trains a BN
 model for N iterations and loads its backbone, frozen with its BN, into every run (the paper's "fixed BN" backbone,
