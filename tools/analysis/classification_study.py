@@ -358,12 +358,13 @@ def train_one(dataset, variant, batch_size, seed, epochs, data=None, log_every=5
             loss = F.cross_entropy(logits, train_y[idx])
             optim.zero_grad(set_to_none=True)
             loss.backward()
-            if it % log_every == 0 and it >= burnin:  # kernel gradient against kernel (BN: ~0, scale-invariance)
+            measured = it % log_every == 0 and it >= burnin
+            if measured:  # kernel gradient against kernel (BN: ~0, scale-invariance)
                 cos_sum += [abs(F.cosine_similarity(c.weight.grad.flatten(), c.weight.flatten(), 0).item())
                             for c in convs]
                 cos_n += 1
             optim.step()
-            drift.step(measure=it % log_every == 0 and it >= burnin)
+            drift.step(measure=measured)
             it += 1
     # evaluation statistics, as controls: the layer's EMA of the window statistics (test_top1, what a user gets), the
     # authors' EMA of batch statistics, and precise statistics recomputed over the training set after training

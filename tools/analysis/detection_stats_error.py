@@ -95,11 +95,15 @@ def main(argv=None):
 
     kept = ('ks', 'lrs', 'subsamples', 'seeds', 'iters', 'interval', 'images_per_iter', 'threads',
             'backbone_checkpoint', 'method')
-    # the norm config the runs used (k set per setting), and the layer's defaults it did not name (the backward)
+    # the norm config the runs used, read from a run's config (k is each setting's), and the layer options it gave,
+    # the defaults it did not name included (the backward)
+    from mmengine.config import Config
+
     from cbn_mmdet import CrossIterationBatchNorm2d
-    probe = CrossIterationBatchNorm2d(1, **({'second_order': 16} if args.method == 'cbn-second' else {}))
-    result = dict(settings={k: v for k, v in vars(args).items() if k in kept},
-                  norm_cfg=detection_study.NORMS[args.method],
+    norm = Config.fromfile(osp.join(settings[0].out, 'runs', f'{args.method}_seed{args.seeds[0]}', 'config.py')).norm
+    norm = {k: v for k, v in norm.items() if k not in ('window_size', 'requires_grad')}
+    probe = CrossIterationBatchNorm2d(1, **{k: v for k, v in norm.items() if k != 'type'})
+    result = dict(settings={k: v for k, v in vars(args).items() if k in kept}, norm_cfg=norm,
                   layer=dict(backward=probe.backward, second_order=probe.second_order), runs=[])
     curves = {}
     for run_args in settings:

@@ -86,6 +86,7 @@ PAIRS = (('cbn', 'cbn-authors'), ('cbn', 'bn-small'), ('cbn-authors', 'bn-small'
          ('ideal', 'bn-small'), ('ideal', 'cbn'), ('bn-large', 'ideal'), ('cbn-second', 'cbn'),
          ('cbn-second', 'bn-small'))
 METRICS = ('bbox_mAP', 'bbox_mAP_50', 'bbox_mAP_75')
+SUBSAMPLED = ('cbn', 'cbn-second')  # the methods that --stat-grad-subsample changes
 # --drift-interval: what each run keeps of tools/analysis/kernel_drift.py's measurement (means over the neck's and
 # box head's convs, and per conv)
 DRIFT_KEYS = ('kernel_angle_step', 'kernel_angle_window', 'kernel_norm_mean', 'kernel_window_span',
@@ -113,8 +114,10 @@ def run_config(method: str, seed: int, images: int, args) -> str:
         imports = "custom_imports = dict(imports=['cbn_mmdet', 'ideal_stats'], allow_failed_imports=False)\n"
     drift = getattr(args, 'drift_interval', 0)
     if drift:  # how fast the neck's and box head's kernels turn after burn-in (issue 20; tools/analysis/kernel_drift.py)
+        parts = "('bbox_head', )" if getattr(args, 'detector', 'faster-rcnn') == 'retinanet' else \
+            "('neck', 'roi_head.bbox_head')"
         hooks.append(f"dict(type='KernelDriftHook', window_size={args.window_size}, interval={drift}, "
-                     f"begin={burnin if 'cbn' in method else 0})")
+                     f"begin={burnin}, parts={parts})")  # every method from the same iteration on
         imports = imports or "custom_imports = dict(imports=['cbn_mmdet'], allow_failed_imports=False)\n"
         imports = imports.replace("'cbn_mmdet'", "'cbn_mmdet', 'kernel_drift'")
     if getattr(args, 'stats_interval', 0):
@@ -128,7 +131,7 @@ def run_config(method: str, seed: int, images: int, args) -> str:
     neck_method, head_method = SPLIT.get(method, (method, method))
     norm, head_norm = NORMS[neck_method], NORMS[head_method]
     subsample = getattr(args, 'stat_grad_subsample', 1)
-    if method == 'cbn' and subsample != 1:  # Naive CBN computes no dnu/dW
+    if method in SUBSAMPLED and subsample != 1:  # Naive CBN computes no dnu/dW
         norm = head_norm = f'{norm[:-1]}, stat_grad_subsample={subsample})'
     detector = getattr(args, 'detector', 'faster-rcnn')
     if detector == 'retinanet':  # the shared head only (its FPN has no norm)
@@ -182,6 +185,7 @@ def single_run(args) -> dict:
     if getattr(args, 'drift_interval', 0):
         with open(osp.join(work_dir, 'kernel_drift.json')) as f:
             drift = {k: v for k, v in json.load(f).items() if k in DRIFT_KEYS}
+        drift['drift_interval'] = args.drift_interval
     result = dict(method=method, seed=seed, detector=args.detector, images_per_iter=images, iters=runner.iter,
                   lr=args.lr,
                   window_size=args.window_size, stat_grad_subsample=args.stat_grad_subsample,
@@ -200,7 +204,7 @@ def launch(args, method: str, seed: int) -> dict:
     """One run in a child process (clean registries, its own thread count); its metrics.json."""
     work_dir = osp.join(args.out, 'runs', f'{method}_seed{seed}')
     os.makedirs(work_dir, exist_ok=True)
-    done = _finished(work_dir, args, method)
+    done = finished_run(work_dir, args, method)
     if done is not None:
         print(f'  {method:<10} seed {seed}: on disk, not run again', flush=True)
         return done
@@ -227,7 +231,7 @@ def launch(args, method: str, seed: int) -> dict:
     return result
 
 
-def _finished(work_dir: str, args, method: str):
+def finished_run(work_dir: str, args, method: str):
     """The run's metrics when it is on disk with this command's settings (and its checkpoint, when one is asked
     for); None when it must run. A run with other settings makes the study stop rather than mix them."""
     path = osp.join(work_dir, 'metrics.json')
@@ -241,7 +245,7 @@ def _finished(work_dir: str, args, method: str):
     have = {key: result.get(key) for key in want}
     have['detector'] = result.get('detector', 'faster-rcnn')  # runs from before --detector
     if method not in WINDOWED:  # the window's options do not touch BN or GN: a window study may share their runs
-        # (stat_grad_subsample changes only 'cbn', but is still checked for the other CBN methods: stricter, safe)
+        # (stat_grad_subsample changes only SUBSAMPLED, but is still checked for the other CBN methods: stricter)
         for key in ('window_size', 'stat_grad_subsample'):
             have.pop(key), want.pop(key)
     if have != want:
@@ -249,8 +253,10 @@ def _finished(work_dir: str, args, method: str):
                          'use another --out')
     if getattr(args, 'save_checkpoint', False) and not (result.get('checkpoint') and osp.exists(result['checkpoint'])):
         return None
-    if getattr(args, 'drift_interval', 0) and result.get('kernel_angle_step') is None:
-        return None  # run again, measuring the kernels
+    drift = getattr(args, 'drift_interval', 0)
+    if drift and (result.get('kernel_angle_step') is None or result.get('drift_interval') != drift
+                  or result.get('kernel_window_span') != args.window_size - 1):
+        return None  # run again, measuring the kernels at this interval, over this window
     return result
 
 
@@ -281,7 +287,8 @@ def summarize(runs) -> dict:
                                         float(np.std([r[key] for r in rows], ddof=1)) if len(rows) > 1 else 0.0]
                                   for key in METRICS})
             if all(r.get('kernel_angle_step') is not None for r in rows):  # --drift-interval
-                out[method].update({key: float(np.mean([r[key] for r in rows])) for key in DRIFT_KEYS[:3]})
+                out[method].update({key: float(np.mean([r[key] for r in rows]))
+                                    for key in ('kernel_angle_step', 'kernel_angle_window', 'kernel_norm_mean')})
     return out
 
 
@@ -333,6 +340,17 @@ def check_args(args) -> None:
             raise ValueError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
     if args.lr <= 0:
         raise ValueError(f'--lr must be > 0, got {args.lr}')
+    drift = getattr(args, 'drift_interval', 0)
+    if drift < 0:
+        raise ValueError(f'--drift-interval must be >= 0, got {drift}')
+    if drift and args.window_size < 2:
+        raise ValueError(f'--drift-interval {drift} measures the angle across a window: it needs --window-size >= 2, '
+                         f'got {args.window_size}')
+    if drift:  # measured at begin + j * interval, once window_size - 1 earlier kernels are stored
+        begin = max(args.iters // 6, 1)
+        if not any(it >= args.window_size - 1 for it in range(begin, args.iters, drift)):
+            raise ValueError(f'--drift-interval {drift}: no iteration in [{begin}, {args.iters}) is measured with '
+                             f'--window-size {args.window_size}; use more --iters or a smaller interval')
     split = [m for m in getattr(args, 'methods', ()) if m in SPLIT]
     if split and getattr(args, 'detector', 'faster-rcnn') != 'faster-rcnn':
         raise ValueError(f'--methods {split} put GN in one of the neck and the box head: only with --detector '
@@ -379,8 +397,9 @@ def main(argv=None):
     if args.pretrain_iters:
         pre = copy.copy(args)
         pre.iters, pre.threads, pre.save_checkpoint = args.pretrain_iters, 2, True
+        pre.drift_interval = 0  # the pretraining run is not a method's: it is not measured
         pre.out = osp.join(args.out, 'pretrain')
-        if args.summarize and _finished(osp.join(pre.out, 'runs', 'bn-small_seed100'), pre, 'bn-small') is None:
+        if args.summarize and finished_run(osp.join(pre.out, 'runs', 'bn-small_seed100'), pre, 'bn-small') is None:
             raise ValueError(f'detection_study --summarize: no pretraining run of {pre.iters} iterations in '
                              f'{pre.out}')
         print(f'detection_study: pretraining the backbone, {pre.iters} iterations of bn-small', flush=True)
@@ -390,7 +409,7 @@ def main(argv=None):
     jobs = [(args, method, seed) for seed in args.seeds for method in args.methods]
     if args.summarize:  # train nothing: the requested runs that are on disk with these settings
         jobs = [job for job in jobs
-                if _finished(osp.join(args.out, 'runs', f'{job[1]}_seed{job[2]}'), args, job[1]) is not None]
+                if finished_run(osp.join(args.out, 'runs', f'{job[1]}_seed{job[2]}'), args, job[1]) is not None]
     # the slow large-batch runs first, so the pool ends evenly
     jobs.sort(key=lambda job: job[1] != 'bn-large')
     print(f'detection_study: {len(jobs)} runs of {args.iters} iterations, {args.jobs} at a time', flush=True)

@@ -19,28 +19,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-__all__ = ['KernelDrift', 'KernelDriftHook']
+__all__ = ['kernel_angle', 'KernelDrift', 'KernelDriftHook']
+
+
+def kernel_angle(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The angle in radians between two kernels (flattened), computed in fp64."""
+    cos = F.cosine_similarity(a.flatten().double(), b.flatten().double(), 0).clamp(-1, 1).item()
+    return math.acos(cos)
 
 
 class KernelDrift:
     """The kernels' angle per step and across a window of ``k`` iterations, and their norm.
 
-    ``step(measure)`` is called after every optimizer step. It keeps the last ``k`` kernels of each conv (one device
-    copy per step) and, where ``measure`` holds and ``k - 1`` earlier kernels are stored, syncs with the host once to
-    record each conv's angles and norm.
+    ``step(measure)`` is called after every optimizer step. It keeps the last ``max(k, 2)`` kernels of each conv
+    (one device copy per step) and, where ``measure`` holds and ``k - 1`` earlier kernels (one, for ``k = 1``) are
+    stored, syncs with the host once to record each conv's angles and norm. With ``k = 1`` (no window) the window
+    angle is None.
     """
 
     def __init__(self, convs: Sequence[torch.nn.Module], k: int):
-        self.convs, self.span = list(convs), max(int(k) - 1, 1)
-        self.history = [[] for _ in self.convs]  # per conv, the last span + 1 kernels (oldest first)
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f'KernelDrift: k must be an int >= 1, got {k!r}')
+        self.convs, self.span = list(convs), k - 1
+        self.history = [[] for _ in self.convs]  # per conv, the last max(span, 1) + 1 kernels (oldest first)
         self.step_angle, self.window_angle, self.norm = [], [], []
-
-    @staticmethod
-    def _angle(a: torch.Tensor, b: torch.Tensor) -> float:
-        cos = F.cosine_similarity(a.double(), b.double(), 0).clamp(-1, 1).item()
-        return math.acos(cos)
 
     @torch.no_grad()
     def step(self, measure: bool) -> None:
@@ -48,10 +53,11 @@ class KernelDrift:
         for conv, hist in zip(self.convs, self.history):
             w = conv.weight.detach().flatten().clone()
             hist.append(w)
-            if len(hist) > self.span + 1:
+            if len(hist) > max(self.span, 1) + 1:
                 hist.pop(0)
-            if measure and len(hist) == self.span + 1:
-                rows.append((self._angle(w, hist[-2]), self._angle(w, hist[0]), w.norm().item()))
+            if measure and len(hist) == max(self.span, 1) + 1:
+                window = kernel_angle(w, hist[0]) if self.span else math.nan
+                rows.append((kernel_angle(w, hist[-2]), window, w.norm().item()))
         if measure and rows and len(rows) == len(self.convs):
             step, window, norm = zip(*rows)
             self.step_angle.append(step)
@@ -65,10 +71,10 @@ class KernelDrift:
         per_conv = {name: np.mean(np.asarray(v), 0) for name, v in
                     (('step', self.step_angle), ('window', self.window_angle), ('norm', self.norm))}
         return dict(kernel_angle_step=float(per_conv['step'].mean()),
-                    kernel_angle_window=float(per_conv['window'].mean()),
+                    kernel_angle_window=float(per_conv['window'].mean()) if self.span else None,
                     kernel_norm_mean=float(per_conv['norm'].mean()), kernel_window_span=self.span,
                     kernel_measured_steps=len(self.step_angle),
-                    kernel_drift_per_conv={k: v.tolist() for k, v in per_conv.items()})
+                    kernel_drift_per_conv={k: v.tolist() for k, v in per_conv.items() if self.span or k != 'window'})
 
 
 @HOOKS.register_module(force=True)
@@ -87,12 +93,14 @@ class KernelDriftHook(Hook):
         for name, value, low in (('window_size', window_size, 2), ('interval', interval, 1), ('begin', begin, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f'KernelDriftHook: {name} must be an int >= {low}, got {value!r}')
+        if isinstance(parts, str) or not all(isinstance(p, str) and p for p in parts):
+            raise ValueError(f'KernelDriftHook: parts must be a sequence of attribute paths, got {parts!r}')
         self.window_size, self.interval, self.begin, self.parts = window_size, interval, begin, tuple(parts)
         self.names, self.drift = [], None
 
     def before_train(self, runner) -> None:
-        model = runner.model.module if hasattr(runner.model, 'module') else runner.model
-        convs = []
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        convs, self.names = [], []
         for part in self.parts:
             sub = model
             for attr in part.split('.'):
@@ -102,7 +110,7 @@ class KernelDriftHook(Hook):
             for name, module in sub.named_modules():
                 if getattr(module, 'with_norm', False) and isinstance(getattr(module, 'conv', None), torch.nn.Conv2d):
                     convs.append(module.conv)
-                    self.names.append(f'{part}.{name}.conv')
+                    self.names.append('.'.join(x for x in (part, name, 'conv') if x))
         if not convs:
             raise ValueError(f'KernelDriftHook: no ConvModule with a norm under {self.parts}')
         self.drift = KernelDrift(convs, self.window_size)

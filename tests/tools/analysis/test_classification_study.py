@@ -26,6 +26,9 @@ def test_tiny_study_resumes_and_summarizes(tmp_path):
     assert record['window'] == 1 and record['iterations'] == 1397 // 16  # k = min(ceil(16/16), 8)
     assert 10 < record['test_top1'] <= 100 and 0 <= record['abs_cos_grad_kernel'] <= 1
     assert 0 <= record['test_top1_precise'] <= 100 and 0 <= record['test_top1_batch_ema'] <= 100
+    # KernelDrift: measured at iteration 50 (log_every, after burn-in at 21); k = 1 has no window angle
+    assert 0 < record['kernel_angle_step'] < 0.5 and record['kernel_angle_window'] is None
+    assert record['kernel_measured_steps'] == 1 and record['kernel_norm_mean'] > 0
     # the paired difference is computed from the runs on disk
     with open(tmp_path / 'runs' / 'digits_bn_bs32_seed0.json') as f:
         bn0 = json.load(f)['test_top1']
@@ -121,4 +124,3 @@ def test_window_size_overrides_k_and_is_checked_on_resume(tmp_path):
         study.main(argv + ['--variants', 'bn', 'cbn_exact', '--window-size', '2', '--out', out, '--summarize'])
     only_bn = study.main(argv + ['--variants', 'bn', '--window-size', '2', '--out', out, '--summarize'])
     assert only_bn['table']['bn@32']['seeds'] == [0]
-

@@ -11,7 +11,7 @@ from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.runner import CheckpointLoader
 
-from cbn_mmdet import CrossIterationBatchNorm2d
+import cbn_mmdet  # noqa: F401
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))
 sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
@@ -131,21 +131,26 @@ def test_stats_error_tiny_run(tmp_path):
     assert approx.model.neck.norm_cfg.stat_grad_subsample == 2
     assert approx.model.roi_head.bbox_head.norm_cfg.stat_grad_subsample == 2
     assert (out / 'detection_stats_error.png').stat().st_size > 1000
-    # the JSON says which layer options the figures come from, the defaults included
-    default = CrossIterationBatchNorm2d(1)
-    assert saved['layer'] == dict(backward=default.backward, second_order=default.second_order)
-    assert saved['settings']['method'] == 'cbn' and saved['norm_cfg'] == detection_study.NORMS['cbn']
+    # the JSON says which layer options the figures come from, the defaults included (k is each setting's)
+    assert saved['layer'] == dict(backward='exact', second_order=0)
+    assert saved['settings']['method'] == 'cbn' and saved['norm_cfg'] == dict(type='CBN')
 
 
 def test_stats_error_with_the_second_order_term(tmp_path):
     out = tmp_path / 'stats2'
     detection_stats_error.main(['--ks', '3', '--lrs', '0.02', '--iters', '8', '--interval', '4', '--method',
-                                'cbn-second', '--out', str(out), '--data-root', str(tmp_path / 'data')])
+                                'cbn-second', '--subsamples', '1', '2', '--out', str(out), '--data-root',
+                                str(tmp_path / 'data')])
     with open(out / 'detection_stats_error.json') as f:
         saved = json.load(f)
-    assert saved['layer']['second_order'] == 16 and saved['runs'][0]['measurements'] == 2 * 12  # iterations 4, 8
+    assert saved['layer'] == dict(backward='exact', second_order=16)
+    assert saved['norm_cfg'] == dict(type='CBN', second_order=16)
+    assert saved['runs'][0]['measurements'] == 2 * 12  # iterations 4, 8
     cfg = Config.fromfile(str(out / 'k3_lr0.02' / 'runs' / 'cbn-second_seed0' / 'config.py'))
     assert cfg.model.neck.norm_cfg.second_order == 16 and cfg.model.roi_head.bbox_head.norm_cfg.second_order == 16
+    # the subsampled setting is subsampled with the second-order term too
+    cfg = Config.fromfile(str(out / 'k3_lr0.02_sub2' / 'runs' / 'cbn-second_seed0' / 'config.py'))
+    assert cfg.model.neck.norm_cfg.stat_grad_subsample == 2 and cfg.model.neck.norm_cfg.second_order == 16
 
 
 @pytest.mark.parametrize('tool, argv, match', [
@@ -200,10 +205,10 @@ def test_a_window_study_shares_bn_runs_but_not_cbn_runs(tmp_path):
         record = dict(vars(args), images_per_iter=2, method=method, bbox_mAP=0.25)
         (tmp_path / method / 'metrics.json').write_text(json.dumps(record))
     shorter = argparse.Namespace(**dict(vars(args), window_size=2))
-    assert detection_study._finished(str(tmp_path / 'bn-small'), shorter, 'bn-small')['bbox_mAP'] == 0.25
-    assert detection_study._finished(str(tmp_path / 'cbn'), args, 'cbn')['bbox_mAP'] == 0.25
+    assert detection_study.finished_run(str(tmp_path / 'bn-small'), shorter, 'bn-small')['bbox_mAP'] == 0.25
+    assert detection_study.finished_run(str(tmp_path / 'cbn'), args, 'cbn')['bbox_mAP'] == 0.25
     with pytest.raises(ValueError, match="'window_size': 4.*'window_size': 2.*use another --out"):
-        detection_study._finished(str(tmp_path / 'cbn'), shorter, 'cbn')
+        detection_study.finished_run(str(tmp_path / 'cbn'), shorter, 'cbn')
     other_lr = argparse.Namespace(**dict(vars(shorter), lr=0.01))
     with pytest.raises(ValueError, match='use another --out'):  # a setting every method depends on still counts
-        detection_study._finished(str(tmp_path / 'bn-small'), other_lr, 'bn-small')
+        detection_study.finished_run(str(tmp_path / 'bn-small'), other_lr, 'bn-small')
