@@ -79,8 +79,9 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
     * **Second order** (``second_order = r > 0``): Eq. 8 moves :math:`\nu` to first order and misses
       :math:`\Delta\theta^\top M_2 \Delta\theta` (:math:`M_2` the input patches' second moment). Under the exact
       backward the kernel can turn fast, as BN's does, and then that term is most of the variance's error (issue
-      20: 0.08 rad across a window at 2 images and lr 0.1 on digits; ``docs/studies/compensation.md``). With ``r > 0`` the centred moment is moved instead, with its
-      second-order term from ``r`` input patches that each slot keeps (at fixed low-discrepancy output positions):
+      20: 0.08 rad across a window at 2 images and lr 0.1 on digits; ``docs/studies/compensation.md``). With
+      ``r > 0`` the centred moment is moved instead, with its second-order term from ``r`` input patches that
+      each slot keeps (at fixed low-discrepancy output positions):
       :math:`s_\tau(\theta_t) = s_\tau + \langle \partial s/\partial\theta, \Delta\theta\rangle +
       \frac{1}{r}\sum_i (\Delta\theta \cdot (x_i - P_\tau))^2`, exact for a convolution when the ``r`` patches
       are all of the iteration's. It costs ``r (C_in/g k_h k_w + C/g)`` numbers per slot and group, and a few

@@ -24,8 +24,8 @@ Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.
   ``X' = P - x_i`` and their outputs ``Y' = W_tau X'``, from which :func:`compensate_bank` adds the second-order
   term ``mean_i ((W_t - W_tau) . (P - x_i))^2`` to the centred moment.
 * ``work``, one flat buffer ``[gp entry (C + g, D) | q entry (g, r, D + C/g) | entry (F, C) | sums (4, C)]``: the
-  current iteration's kernel gradients, patches, fields and the window's sums. One reduction over it decides, on the device, whether everything this
-  forward computed is finite.
+  current iteration's kernel gradients, patches, fields and the window's sums. One reduction over it decides, on the
+  device, whether everything this forward computed is finite.
 
 With the current iteration as an extra row of weight 1 (``E = mu_t``, ``Q = s_t``, ``ONE = 1``, ``M = m_t``), one
 matrix product gives ``sum w mu_c``, ``sum w Q``, ``n = sum w`` and the count ``sum w m``; the window's variance is

@@ -5,10 +5,11 @@
                                                    [--method cbn|cbn-second] [--out DIR]
 
 The toy Faster R-CNN with CBN in the FPN neck and the 4conv1fc box head (``tools/analysis/detection_study.py``,
-method ``cbn``, the layer's defaults, or ``--method cbn-second``, with ``second_order=16``) is trained for each (k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures
-every ``--interval`` iterations, once the windows are open, how far CBN's, Naive CBN's and BN's statistics are from
-the population statistics (16 fixed training images through the same weights, every normalization frozen to what it
-used in the training forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
+method ``cbn``, the layer's defaults, or ``--method cbn-second``, with ``second_order=16``) is trained for each
+(k, lr, seed) with :class:`cbn_mmdet.engine.CBNStatsErrorHook`, which measures every ``--interval`` iterations,
+once the windows are open, how far CBN's, Naive CBN's and BN's statistics are from the population statistics (16
+fixed training images through the same weights, every normalization frozen to what it used in the training
+forward). The neck's layers see whole feature maps of 2 images; the head's see 2 x 128 RoIs.
 By default the backbone trains from scratch with BN; ``--backbone-checkpoint`` loads it from a checkpoint (for
 example the pretraining run of ``detection_study.py --pretrain-iters``) and freezes it, BN included.
 ``--subsamples 1 4`` also trains every setting with CBN's opt-in approximation ``stat_grad_subsample=4`` (``dnu/dW``

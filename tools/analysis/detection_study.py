@@ -93,6 +93,11 @@ DRIFT_KEYS = ('kernel_angle_step', 'kernel_angle_window', 'kernel_norm_mean', 'k
               'kernel_measured_steps', 'kernel_drift_per_conv', 'convs')
 
 
+def burnin_iters(iters: int) -> int:
+    """CBN's burn-in in a run of ``iters`` iterations: the first sixth (at least one)."""
+    return max(iters // 6, 1)
+
+
 def run_config(method: str, seed: int, images: int, args) -> str:
     """The text of one run's config: the toy config with the method's norm in the neck and box head.
 
@@ -103,7 +108,7 @@ def run_config(method: str, seed: int, images: int, args) -> str:
     included (the paper's "fixed BN" backbone); ``save_checkpoint`` keeps the last checkpoint.
     """
     iters = args.iters
-    burnin = max(iters // 6, 1)
+    burnin = burnin_iters(iters)
     data = args.data_root.rstrip('/') + '/'
     hooks = []
     if 'cbn' in method:
@@ -113,7 +118,7 @@ def run_config(method: str, seed: int, images: int, args) -> str:
         hooks.append(f"dict(type='IdealStatsHook', num_images={(args.window_size - 1) * images})")
         imports = "custom_imports = dict(imports=['cbn_mmdet', 'ideal_stats'], allow_failed_imports=False)\n"
     drift = getattr(args, 'drift_interval', 0)
-    if drift:  # how fast the neck's and box head's kernels turn after burn-in (issue 20; tools/analysis/kernel_drift.py)
+    if drift:  # how fast the neck's and box head's kernels turn after burn-in (issue 20; kernel_drift.py)
         parts = "('bbox_head', )" if getattr(args, 'detector', 'faster-rcnn') == 'retinanet' else \
             "('neck', 'roi_head.bbox_head')"
         hooks.append(f"dict(type='KernelDriftHook', window_size={args.window_size}, interval={drift}, "
@@ -347,7 +352,7 @@ def check_args(args) -> None:
         raise ValueError(f'--drift-interval {drift} measures the angle across a window: it needs --window-size >= 2, '
                          f'got {args.window_size}')
     if drift:  # measured at begin + j * interval, once window_size - 1 earlier kernels are stored
-        begin = max(args.iters // 6, 1)
+        begin = burnin_iters(args.iters)
         if not any(it >= args.window_size - 1 for it in range(begin, args.iters, drift)):
             raise ValueError(f'--drift-interval {drift}: no iteration in [{begin}, {args.iters}) is measured with '
                              f'--window-size {args.window_size}; use more --iters or a smaller interval')

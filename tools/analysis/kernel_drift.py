@@ -44,7 +44,8 @@ class KernelDrift:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f'KernelDrift: k must be an int >= 1, got {k!r}')
         self.convs, self.span = list(convs), k - 1
-        self.history = [[] for _ in self.convs]  # per conv, the last max(span, 1) + 1 kernels (oldest first)
+        self.keep = max(self.span, 1) + 1  # kernels kept per conv: the window's first, or the previous step's
+        self.history = [[] for _ in self.convs]  # per conv, the last `keep` kernels (oldest first)
         self.step_angle, self.window_angle, self.norm = [], [], []
 
     @torch.no_grad()
@@ -53,9 +54,9 @@ class KernelDrift:
         for conv, hist in zip(self.convs, self.history):
             w = conv.weight.detach().flatten().clone()
             hist.append(w)
-            if len(hist) > max(self.span, 1) + 1:
+            if len(hist) > self.keep:
                 hist.pop(0)
-            if measure and len(hist) == max(self.span, 1) + 1:
+            if measure and len(hist) == self.keep:
                 window = kernel_angle(w, hist[0]) if self.span else math.nan
                 rows.append((kernel_angle(w, hist[-2]), window, w.norm().item()))
         if measure and rows and len(rows) == len(self.convs):
