@@ -469,7 +469,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                 ok = stats.ok
             else:  # burn-in's collecting iterations, or a window not started yet: BatchNorm (stats None)
                 stats = None
-                ok = all_finite(sv.fresh[with_gp, False]) if push else None
+                ok = all_finite(*sv.fresh[with_gp, False]) if push else None
         y = self.normalize(x, stats, conv) if bank is not None else self._bn_forward(x, moments=(mu_t, s_t))
         if push:
             with torch.no_grad(), precise:
@@ -500,7 +500,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         delta = compensate_bank(bv, kv if bank.compensating else None, conv_bias, mu_t, sv.inside if exact else None)
         window_sums(bv, sv, mu_t)
         # one decision for everything this forward computed (its entry, kernel gradients and sums included)
-        ok = all_finite(sv.fresh[with_gp, True])
+        ok = all_finite(*sv.fresh[with_gp, True])
         chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, m_total), or the batch's own
         hist = history_terms(bv, sv, delta, conv_bias is not None) if exact else None
         if self.track_running_stats:

@@ -59,13 +59,14 @@ class Workspace(_HoldsViews):
         self.hbuf = torch.zeros(capacity, 2 * c + 1, dtype=dtype, device=device)
         self.hbuf[:, 2 * c] = 1
         self.zero = torch.zeros((), dtype=dtype, device=device)
+        self.zeros = torch.zeros_like(self.work)  # all_finite's other operand
         self._shape = (c, groups, d, patches)
-        self.views = ScratchViews(self.work, self.hbuf, c, groups, d, patches)
+        self.views = self._views()
         self.views.entry[ONE] = 1
         self._m: Optional[int] = None
 
     def _views(self) -> ScratchViews:
-        return ScratchViews(self.work, self.hbuf, *self._shape)
+        return ScratchViews(self.work, self.hbuf, *self._shape, zeros=getattr(self, 'zeros', None))
 
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
@@ -74,9 +75,10 @@ class Workspace(_HoldsViews):
             self._m = m
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        self.work, self.hbuf, self.zero = (_move(t, fn) for t in (self.work, self.hbuf, self.zero))
+        self.work, self.hbuf, self.zero, self.zeros = (_move(t, fn) for t in (self.work, self.hbuf, self.zero,
+                                                                               self.zeros))
         self.key = self.key[:5] + (self.work.device, ) + self.key[6:]
-        self.views = ScratchViews(self.work, self.hbuf, *self._shape)
+        self.views = self._views()
 
 
 class WindowBank(_HoldsViews):

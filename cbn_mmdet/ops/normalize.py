@@ -50,7 +50,8 @@ class _CBNNormalize(torch.autograd.Function):
         dtype = mu_bar.dtype
         gamma = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
         beta = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-        y = torch.batch_norm(x, gamma, beta, mu_bar, var_bar, False, 0.0, eps, torch.backends.cudnn.enabled)
+        # the ATen kernel itself: torch.batch_norm would first allocate cuDNN's (unused) reserve, one more op
+        y = torch.native_batch_norm(x, gamma, beta, mu_bar, var_bar, False, 0.0, eps)[0]
         n_t = n_iters if isinstance(n_iters, Tensor) else None
         hist = tuple(hist) if hist is not None else ()
         ctx.hist_present = tuple(h is not None for h in hist)
@@ -85,28 +86,32 @@ class _CBNNormalize(torch.autograd.Function):
                 want_kernel or ctx.needs_input_grad[2]]
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(grad_out, x, w_eff, None, None, mu_bar, invstd,
                                                                True, ctx.eps, mask)
+        rw = invstd * w_eff if want_kernel or (windowed and gx is not None) else None  # r gamma / n
         if gx is not None and windowed:
-            rest = gamma - w_eff if gamma is not None else 1 - w_eff  # (1 - 1/n) gamma
-            coef = invstd * rest
-            gx = gx.addcmul_(grad_out, (coef if coef.dtype == gx.dtype else coef.to(gx.dtype))[:, None, None])
+            # - (1 - 1/n) r gamma = r gamma / n - r gamma
+            coef = torch.addcmul(rw, invstd, gamma, value=-1) if gamma is not None else rw - invstd
+            gx = gx.addcmul_(grad_out, (coef if coef.dtype == gx.dtype else coef.to(gx.dtype))[:, None, None],
+                             value=-1)
         g_kernel = g_conv_bias = None
         if want_kernel:
             present = iter(saved)
             mean_patch, var_kernel, mean_bias, var_bias = (next(present) if p else None for p in ctx.hist_present)
             # the history terms are n times the derivative's (HistoryGrad): gamma/n brings the 1/n back
-            rw = invstd * w_eff
-            a = rw * gb  # -n dL/dmu_bar                      (gb = sum dy)
-            cc = (rw * invstd) * gw  # -2n dL/dvar_bar        (gw = sum dy * x_hat)
+            # with a = dL/dmu_bar = -rw gb and c = dL/dvar_bar = -(1/2) rw r gw (gb = sum dy, gw = sum dy x_hat,
+            # rw = r gamma / n), the kernel gets a P + c V = -rw (gb P + (1/2) y V), y = r gw: the per-channel
+            # factor rw is applied once, to the result
+            y = invstd * gw
             shape, dtype = ctx.kernel_meta
             if ctx.needs_input_grad[3]:
                 groups = mean_patch.shape[0]
-                g_kernel = torch.baddbmm(var_kernel.view(groups, c // groups, -1) * cc.view(groups, -1, 1),
-                                         a.view(groups, -1, 1), mean_patch.view(groups, 1, -1), beta=-0.5, alpha=-1)
+                g_kernel = torch.baddbmm(var_kernel.view(groups, c // groups, -1) * y.view(groups, -1, 1),
+                                         gb.view(groups, -1, 1), mean_patch.view(groups, 1, -1), beta=-0.5, alpha=-1)
+                g_kernel = g_kernel.mul_(rw.view(groups, -1, 1))
                 if ok is not None:
                     g_kernel = torch.where(ok, g_kernel, zero)
                 g_kernel = g_kernel.view(shape) if g_kernel.dtype == dtype else g_kernel.view(shape).to(dtype)
             if ctx.needs_input_grad[4]:
-                g_conv_bias = torch.addcmul(a * mean_bias, cc, var_bias, value=0.5).neg_()
+                g_conv_bias = torch.addcmul(gb * mean_bias, y, var_bias, value=0.5).mul_(rw).neg_()
                 if ok is not None:
                     g_conv_bias = torch.where(ok, g_conv_bias, zero)
                 g_conv_bias = g_conv_bias.to(ctx.conv_bias_dtype)
