@@ -218,6 +218,12 @@ class WindowBank(_HoldsViews):
             if bank.qs is not None and q is not None and tuple(q.shape) == (capacity, groups, patches,
                                                                             bank.qs.shape[3]):
                 bank.qs.copy_(q.transpose(0, 1))
+            # a slot of weight 0 holds zero gradients and patches, as a skipped push stores it: the exact
+            # backward's history sums rely on it (history_terms); once, at load, so a mask costs nothing per iteration
+            dead = (st[:, ONE, 0] == 0).to(device)
+            bank.gp[:, dead] = 0
+            if bank.qs is not None:
+                bank.qs[:, dead] = 0
         bank.count, bank.next = int(state['count']), int(state['next'])
         return bank
 

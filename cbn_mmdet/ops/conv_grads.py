@@ -82,6 +82,36 @@ def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation
     return _tap_matrix_cached(size, out, k, stride, padding, dilation, scale, like.dtype, like.device)
 
 
+# the patch-sum matrix R (x) C of a map is cached when it has at most this many elements (4 MiB in fp32): 3x3
+# convolutions of maps up to ~340x340; larger maps take the two small products of _mean_patch instead
+KRON_MAX = 1 << 20
+
+
+@functools.lru_cache(maxsize=32)
+def _patch_sum_matrix(h: int, out_h: int, kh: int, stride_h: int, pad_h: int, dil_h: int, w: int, out_w: int, kw: int,
+                      stride_w: int, pad_w: int, dil_w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(H * W, kh * kw): entry ``[(r, c), (a, b)]`` is 1 when input pixel ``(r, c)`` is read by kernel tap ``(a, b)``
+    at some output position, i.e. ``(R_a (x) C_b)`` of :func:`_tap_matrix`, transposed for the product."""
+    rows = _tap_matrix_cached(h, out_h, kh, stride_h, pad_h, dil_h, 1.0, dtype, device)  # (kh, H)
+    cols = _tap_matrix_cached(w, out_w, kw, stride_w, pad_w, dil_w, 1.0, dtype, device)  # (kw, W)
+    return torch.kron(rows, cols).t()
+
+
+def _mean_patch_kron(u: Tensor, conv: 'ConvSpec', out_h: int, out_w: int, count: int, out: Tensor) -> bool:
+    """The mean input patch in two ops, ``(1/count) (sum_n U_n) (R (x) C)^T``, written into ``out`` (g, C_in/g, kh,
+    kw); False (nothing written) when the map is too large for the cached matrix (:data:`KRON_MAX`)."""
+    n, c_in, h, w = u.shape
+    kh, kw = conv.weight.shape[2:]
+    if h * w * kh * kw > KRON_MAX:
+        return False
+    k = _patch_sum_matrix(h, out_h, kh, conv.stride[0], conv.padding[0], conv.dilation[0], w, out_w, kw,
+                          conv.stride[1], conv.padding[1], conv.dilation[1], u.dtype, u.device)
+    flat = out.view(c_in, kh * kw)
+    # beta=0: the input operand is not read; alpha applies 1/count, so the matrix is cached per shape alone
+    torch.addmm(flat, u.sum(0).view(c_in, h * w), k, beta=0, alpha=1.0 / count, out=flat)
+    return True
+
+
 def _column_sums(u: Tensor, conv: 'ConvSpec', out_w: int, stride_w: int) -> Tensor:
     """``(sum_n U_n) C_b``: for every input row, the batch sum of what each kernel column tap ``b`` reads, over the
     output columns: (C_in, H, kw). The one read of ``u`` behind :func:`_mean_patch`."""
@@ -150,10 +180,13 @@ def conv_stat_grads(conv: ConvSpec, x: Tensor, mu: Tensor, subsample: int = 1,
         out = mu.new_empty(c + groups, shape[1] * shape[2] * shape[3])
     g_s_out, g_mu_out = out[:c], out[c:].view(groups, *shape[1:])
     u = conv.input if conv.input.dtype == dtype else conv.input.to(dtype)
-    # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
-    by_col = _column_sums(u, conv, w, conv.stride[1])
-    g_mu = _mean_patch(by_col, conv, h, conv.stride[0], n * h * w, out=g_mu_out)  # -> (g, C_in/g, kh, kw)
     how, step = subsample_plan(n, h, subsample)
+    # d mu / dW: the mean input patch, one per group                                        (Eq. 15)
+    g_mu = g_mu_out
+    by_col = _column_sums(u, conv, w, conv.stride[1]) if how == 'rows' else None
+    if not _mean_patch_kron(u, conv, h, w, n * h * w, g_mu_out):
+        by_col = _column_sums(u, conv, w, conv.stride[1]) if by_col is None else by_col
+        g_mu = _mean_patch(by_col, conv, h, conv.stride[0], n * h * w, out=g_mu_out)  # -> (g, C_in/g, kh, kw)
     stride = tuple(conv.stride)
     if how == 'samples':
         u, x = u[::step].contiguous(), x[::step]

@@ -253,7 +253,10 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
         torch.sub(base, sv.mu_bar, out=sv.dev)
     else:
         torch.sub(bv.e, sv.mu_bar, out=sv.dev)
-    coef = sv.hbuf * bv.w_col  # (T, 2C + 1): w [inside] | w u | w
+    # the weights need no product: every slot of weight 0 (skipped or empty) holds zero P, G and patches, and the
+    # others weigh 1, so sum_tau w_tau f_tau P_tau = sum_tau f_tau P_tau for any coefficients f (the bias terms,
+    # which have no P, take w below)
+    coef = sv.hbuf  # (T, 2C + 1): [inside] | u | 1
     patch = bv.p_rows  # (g, T, D)
     d = patch.shape[2]
     if groups == 1:
@@ -265,11 +268,11 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
     var_kernel = torch.baddbmm(part.reshape(c, 1, d), coef[:, :c].t().unsqueeze(1), bv.g_rows, beta=2).view(c, d)
     if bv.qs is not None:
         cg = c // groups
-        scaled = delta.view(groups, cg, t, bv.r) * coef[:, :c].t().reshape(groups, cg, t, 1)  # w [inside] e
+        scaled = delta.view(groups, cg, t, bv.r) * coef[:, :c].t().reshape(groups, cg, t, 1)  # [inside] e
         var_kernel.view(groups, cg, d).baddbmm_(scaled.view(groups, cg, t * bv.r), bv.xq, alpha=2.0 / bv.r)
     if not has_bias:
         return HistoryGrad(mean_patch, var_kernel, None, None)
-    bias_sums = coef[:, c:].sum(0)
+    bias_sums = torch.mv(coef[:, c:].t(), bv.w_col[:, 0])  # (C + 1,): sum w u, and sum w
     return HistoryGrad(mean_patch, var_kernel, bias_sums[c], bias_sums[:c] * 2)
 
 
