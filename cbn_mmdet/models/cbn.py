@@ -22,6 +22,7 @@ from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
 from .options import check_backward, check_window_size, find_module_path, positive_int
 from .replay import CheckpointReplayMixin, Replay, ReplayBook, WindowStats
+from .running import pack_running, packed_running
 from .window import WindowBank, WindowStateMixin, Workspace
 
 __all__ = ['CrossIterationBatchNorm2d']
@@ -206,6 +207,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         self._warned = False
         self._replay_mismatches: Optional[Tensor] = None  # CUDA: checkpoint replays that saw another input
         self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
+        pack_running(self)  # running_mean and running_var: the two rows of one tensor, for a one-op EMA step
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -335,6 +337,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
+        pack_running(self)  # a move or cast replaced the buffers
         for bank in self._banks:
             if bank is not None:
                 bank.apply(fn)  # follows the device; keeps the statistics dtype bit for bit
@@ -504,7 +507,8 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, m_total), or the batch's own
         hist = history_terms(bv, sv, delta, conv_bias is not None) if exact else None
         if self.track_running_stats:
-            running_update(self.running_mean, self.running_var, sv, ok, self._running_factor(ok, mu_t.dtype))
+            running_update(self.running_mean, self.running_var, sv, ok, self._running_factor(ok, mu_t.dtype),
+                           single=ws.count < 2, packed=packed_running(self))
         return WindowStats(chosen[0], chosen[1], chosen[2, 0], hist, ok)
 
     def _bn_forward(self, x: Tensor, replay: bool = False, moments: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:

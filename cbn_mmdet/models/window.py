@@ -74,6 +74,11 @@ class Workspace(_HoldsViews):
             self.views.entry[M] = m
             self._m = m
 
+    @property
+    def count(self) -> int:
+        """Values per channel of the current input (0 before any)."""
+        return self._m or 0
+
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero, self.zeros = (_move(t, fn) for t in (self.work, self.hbuf, self.zero,
                                                                                self.zeros))

@@ -286,12 +286,20 @@ def store_entry(bv: BankViews, slot: int, sv: ScratchViews, ok: Tensor, zero: Te
         torch.where(ok, sv.q_entry, zero, out=q_slot)
 
 
-def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, factor) -> None:
-    """The running statistics' EMA step (BN's, with the window's statistics), where ``ok``: one multi-tensor lerp
-    of the running mean and variance. The sums come from :func:`window_sums`; their variance row becomes the
-    unbiased one, ``var_bar * M / (M - 1)`` with ``M`` the number of values averaged (``var_bar`` itself for
-    ``M = 1``, a single value, as BN's update has it)."""
-    sv.var_bar.addcdiv_(sv.var_bar, (sv.m_total - 1).clamp_(min=1))  # var * (1 + 1/(M - 1))
+def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, factor, single: bool = False,
+                   packed: Optional[Tensor] = None) -> None:
+    """The running statistics' EMA step (BN's, with the window's statistics), where ``ok``. The sums come from
+    :func:`window_sums`; their variance row becomes the unbiased one, ``var_bar * M / (M - 1)`` with ``M`` the number
+    of values averaged (``var_bar`` itself for ``M = 1``, a single value, as BN's update has it). ``single``: the
+    current batch may hold a single value per channel (the host knows it), so ``M`` may be 1; otherwise ``M >= 2``
+    and ``M - 1`` needs no clamp. ``packed``: the (2, C) tensor whose rows are ``mean`` and ``var``
+    (:func:`cbn_mmdet.models.running.packed_running`): then the step is one select and one lerp."""
+    m_less = sv.m_total - 1
+    sv.var_bar.addcdiv_(sv.var_bar, m_less.clamp_(min=1) if single else m_less)  # var * (1 + 1/(M - 1))
+    if packed is not None and packed.dtype == sv.sums.dtype:
+        new = torch.where(ok, sv.sums[:2], packed)  # mu_bar and the unbiased var_bar, adjacent rows of the sums
+        packed.lerp_(new, factor)  # a float or a device factor alike
+        return
     if mean.dtype != sv.mu_bar.dtype:  # a .half() module: its running statistics follow the cast, as BN's do
         new = [torch.where(ok, sv.mu_bar, mean).to(mean.dtype), torch.where(ok, sv.var_bar, var).to(var.dtype)]
         factor = factor.to(mean.dtype) if isinstance(factor, Tensor) else factor

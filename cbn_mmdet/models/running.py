@@ -1,0 +1,41 @@
+"""The running statistics as one (2, C) tensor whose two rows are the layer's ``running_mean`` and ``running_var``.
+
+The buffers stay BN's (same names, shapes and values in the ``state_dict``); they are only views of one storage, so
+that the EMA step is one select and one lerp over both. Everything that replaces a buffer (a device move, a dtype
+cast, ``load_state_dict(assign=True)``) is seen: :func:`pack_running` packs again after a module ``_apply``, and
+:func:`packed_running` returns None for buffers that are not packed, whose update then takes one op more.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+__all__ = ['pack_running', 'packed_running']
+
+
+def packed_running(module: Module) -> Optional[Tensor]:
+    """The (2, C) tensor whose rows are ``module.running_mean`` and ``module.running_var``, or None when they are not
+    its two rows (not tracked, or replaced since they were packed). Host attributes only: no op."""
+    mean, var = module.running_mean, module.running_var
+    if mean is None or var is None:
+        return None
+    base = mean._base
+    if (base is None or var._base is not base or base.dim() != 2 or base.shape[0] != 2
+            or mean.data_ptr() != base.data_ptr() or var.data_ptr() != base.data_ptr() + base.stride(0) *
+            base.element_size() or mean.stride() != (1, ) or var.stride() != (1, )):
+        return None
+    return base
+
+
+def pack_running(module: Module) -> None:
+    """Make ``module.running_mean`` and ``running_var`` the two rows of one (2, C) tensor, keeping their values (a
+    no-op when they are packed already, or of different dtypes or devices)."""
+    mean, var = module.running_mean, module.running_var
+    if (mean is None or var is None or packed_running(module) is not None or mean.dtype != var.dtype
+            or mean.device != var.device or mean.shape != var.shape or mean.dim() != 1):
+        return
+    with torch.no_grad():
+        packed = torch.stack([mean, var])
+    module._buffers['running_mean'] = packed[0]
+    module._buffers['running_var'] = packed[1]
