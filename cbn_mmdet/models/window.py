@@ -101,21 +101,35 @@ class WindowBank(_HoldsViews):
         self.channels = channels
         self.kernel_shape = None if kernel_shape is None else tuple(kernel_shape)
         self.groups = groups
-        self.stats = torch.zeros(capacity, FIELDS, channels, dtype=dtype, device=device)
-        self.gp = self.qs = None
+        self.qs = None
         self.patches = patches if self.kernel_shape is not None else 0
-        if self.kernel_shape is not None:
-            d = math.prod(self.kernel_shape[1:])
-            self.gp = torch.zeros(channels + groups, capacity, d, dtype=dtype, device=device)
-            if self.patches:
-                self.qs = torch.zeros(groups, capacity, self.patches, d + channels // groups, dtype=dtype,
-                                      device=device)
-        self.views = BankViews(self.stats, self.gp, groups, self.qs)
+        d = math.prod(self.kernel_shape[1:]) if self.kernel_shape is not None else 0
+        # slot by slot [gp (C + g, D) | stats (F, C)]: a push writes one contiguous row
+        self.flat = torch.zeros(capacity, (channels + groups) * d + FIELDS * channels, dtype=dtype, device=device)
+        if self.patches:
+            self.qs = torch.zeros(groups, capacity, self.patches, d + channels // groups, dtype=dtype, device=device)
+        self.views = self._views()
         self.count = 0
         self.next = 0
 
     def _views(self) -> BankViews:
-        return BankViews(self.stats, self.gp, self.groups, self.qs)
+        if 'flat' not in self.__dict__:  # pickled before the flat layout: stats and gp apart
+            gp = self.__dict__.get('gp')
+            rows = [] if gp is None else [gp.transpose(0, 1).reshape(gp.shape[1], -1)]
+            self.flat = torch.cat(rows + [self.stats.reshape(self.stats.shape[0], -1)], 1)
+        t, c = self.capacity, self.channels
+        self.stats = self.flat[:, self.flat.shape[1] - FIELDS * c:].view(t, FIELDS, c)
+        self.gp = None
+        if self.kernel_shape is not None:
+            d = math.prod(self.kernel_shape[1:])
+            self.gp = self.flat[:, :(c + self.groups) * d].view(t, c + self.groups, d).transpose(0, 1)
+        return BankViews(self.stats, self.gp, self.groups, self.qs, self.flat)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop('stats', None)  # views of flat, made again
+        state.pop('gp', None)
+        return state
 
     @property
     def compensating(self) -> bool:
@@ -143,13 +157,11 @@ class WindowBank(_HoldsViews):
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in (self.stats, self.gp, self.qs) if t is not None)
+        return sum(t.nbytes for t in (self.flat, self.qs) if t is not None)
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Follow a device move; the statistics keep their dtype bit for bit under a module dtype cast."""
-        self.stats = _move(self.stats, fn)
-        if self.gp is not None:
-            self.gp = _move(self.gp, fn)
+        self.flat = _move(self.flat, fn)
         if self.qs is not None:
             self.qs = _move(self.qs, fn)
         self.views = self._views()

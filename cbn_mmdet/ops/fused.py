@@ -49,9 +49,12 @@ FIELDS = 8
 
 class BankViews:
     """The views of a bank's ``stats`` (T, F, C) and ``gp`` (C + g, T, D) that the ops below use, made once: on the
-    host a view costs about as much as launching a small kernel."""
+    host a view costs about as much as launching a small kernel. ``flat`` (T, L) holds both, slot by slot: row
+    ``tau`` is ``[gp[:, tau] | stats[tau]]``, laid out as the scratch's ``[gp entry | entry]``, so that a push is one
+    copy."""
 
-    def __init__(self, stats: Tensor, gp: Optional[Tensor], groups: int, qs: Optional[Tensor] = None):
+    def __init__(self, stats: Tensor, gp: Optional[Tensor], groups: int, qs: Optional[Tensor] = None,
+                 flat: Optional[Tensor] = None):
         t, _, c = stats.shape
         self.stats, self.gp, self.groups, self.qs = stats, gp, groups, qs
         self.a, self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (A, R, S, MU, E, Q))
@@ -71,13 +74,13 @@ class BankViews:
             self.xq = qs[..., :d].view(g, t * self.r, d)  # (g, Tr, D), row tau * r + i
             self.xq_t = self.xq.transpose(1, 2)  # (g, D, Tr)
             self.yq_t = qs[..., d:].view(g, t * self.r, c // g).transpose(1, 2)  # (g, C/g, Tr)
-        self.slots = [(stats[i], None if gp is None else gp[:, i], None if qs is None else qs[:, i])
-                      for i in range(t)]
+        self.slots = [(flat[i], None if qs is None else qs[:, i]) for i in range(t)]
 
 
 class ScratchViews:
-    """Views of a layer's scratch ``work = [gp entry (C + g, D) | q entry (g, r, D + C/g) | entry (F, C) |
-    sums (4, C)]`` and of ``hbuf`` (T, 2C + 1), made once."""
+    """Views of a layer's scratch ``work = [q entry (g, r, D + C/g) | gp entry (C + g, D) | entry (F, C) |
+    sums (4, C)]`` and of ``hbuf`` (T, 2C + 1), made once. ``slot_entry``, ``[gp entry | entry]``, is what a push
+    copies into a bank slot."""
 
     def __init__(self, work: Tensor, hbuf: Tensor, channels: int, groups: int, d: int, patches: int = 0,
                  zeros: Optional[Tensor] = None):
@@ -86,12 +89,13 @@ class ScratchViews:
         qsize = groups * patches * (d + c // groups) if rows else 0
         g = rows * d + qsize
         self.work, self.hbuf = work, hbuf
-        self.gp_entry = work[:rows * d].view(rows, d) if rows else None
+        self.gp_entry = work[qsize:g].view(rows, d) if rows else None
         self.q_entry = self.xq_entry = self.yq_entry = None
         if qsize:
-            self.q_entry = work[rows * d:g].view(groups, patches, d + c // groups)
+            self.q_entry = work[:qsize].view(groups, patches, d + c // groups)
             self.xq_entry, self.yq_entry = self.q_entry[..., :d], self.q_entry[..., d:]
         self.entry = work[g:g + FIELDS * c].view(FIELDS, c)
+        self.slot_entry = work[qsize:g + FIELDS * c]
         self.sums = work[g + FIELDS * c:].view(4, c)
         self.entry_a = self.entry[A:A + 1]  # (1, C)
         self.entry_a_g = self.entry[A].view(groups, 1, c // groups)
@@ -277,11 +281,10 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
 
 
 def store_entry(bv: BankViews, slot: int, sv: ScratchViews, ok: Tensor, zero: Tensor) -> None:
-    """Write the entry into a bank slot; where ``ok`` is False (decided on the device), zeros: weight 0, no NaN."""
-    stats_slot, gp_slot, q_slot = bv.slots[slot]
-    torch.where(ok, sv.entry, zero, out=stats_slot)
-    if gp_slot is not None:
-        torch.where(ok, sv.gp_entry, zero, out=gp_slot)
+    """Write the entry into a bank slot, in one op (two with second-order patches); where ``ok`` is False (decided
+    on the device), zeros: weight 0, no NaN."""
+    flat_slot, q_slot = bv.slots[slot]
+    torch.where(ok, sv.slot_entry, zero, out=flat_slot)
     if q_slot is not None:
         torch.where(ok, sv.q_entry, zero, out=q_slot)
 
