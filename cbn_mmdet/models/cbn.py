@@ -16,8 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops import ConvSpec, batch_moments, cbn_normalize
 from ..ops._common import autocast_active
-from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, history_terms, lerp_pair,
-                         running_update, store_entry, window_sums)
+from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, finish_mean, history_terms,
+                         lerp_pair, running_update, store_entry, window_sums)
 from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
 from .options import check_backward, check_window_size, find_module_path, positive_int
@@ -466,7 +466,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             sv = ws.views
             kv = self._kernel_views(params[0], dtype, groups) if compensating else None
             with_gp = push and compensating
-            fill_entry(sv, kv if with_gp else None, conv, x, mu_t, s_t, self.stat_grad_subsample)
+            fill_entry(sv, kv if with_gp else None, conv, x, mu_t, s_t, ws.consts, self.stat_grad_subsample)
             if bank is not None:
                 stats = self._window_statistics(ws, bank, kv, params, mu_t, with_gp)
                 ok = stats.ok
@@ -501,11 +501,12 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
             kernel.requires_grad or (conv_bias is not None and conv_bias.requires_grad))
         sv, bv = ws.views, bank.views
         delta = compensate_bank(bv, kv if bank.compensating else None, conv_bias, mu_t, sv.inside if exact else None)
-        window_sums(bv, sv, mu_t)
+        window_sums(bv, sv)
         # one decision for everything this forward computed (its entry, kernel gradients and sums included)
         ok = all_finite(*sv.fresh[with_gp, True])
-        chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, m_total), or the batch's own
         hist = history_terms(bv, sv, delta, conv_bias is not None) if exact else None
+        finish_mean(sv, mu_t)
+        chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, M - 1), or the batch's own
         if self.track_running_stats:
             running_update(self.running_mean, self.running_var, sv, ok, self._running_factor(ok, mu_t.dtype),
                            single=ws.count < 2, packed=packed_running(self))

@@ -179,5 +179,5 @@ class CheckpointReplayMixin:
         ws = self._workspace_for(shape, groups, dtype, device)
         ws.set_count(x.numel() // x.shape[1])
         kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
-        fill_entry(ws.views, kv, conv, x, mu_t, s_t, self.stat_grad_subsample)
+        fill_entry(ws.views, kv, conv, x, mu_t, s_t, ws.consts, self.stat_grad_subsample)
         self._store(conv, position, ws, all_finite(*ws.views.fresh[self.compensate, False]), dtype, device)

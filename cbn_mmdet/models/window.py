@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..ops.fused import FIELDS, MU, ONE, A, M, R, S, BankViews, ScratchViews
+from ..ops.fused import FIELDS, MU, ONE, M, R, S, BankViews, ScratchViews
 
 __all__ = ['WindowBank', 'Workspace', 'WindowStateMixin', 'newest_entries', 'STATE_KEYS']
 
@@ -62,7 +62,9 @@ class Workspace(_HoldsViews):
         self.zeros = torch.zeros_like(self.work)  # all_finite's other operand
         self._shape = (c, groups, d, patches)
         self.views = self._views()
-        self.views.entry[ONE] = 1
+        # the entry's constant rows, written with its statistics by fill_entry's one op: [1, m, m - 1, 0]
+        self.consts = torch.zeros(4, c, dtype=dtype, device=device)
+        self.consts[0] = 1
         self._m: Optional[int] = None
 
     def _views(self) -> ScratchViews:
@@ -71,7 +73,8 @@ class Workspace(_HoldsViews):
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
         if m != self._m:
-            self.views.entry[M] = m
+            self.consts[1] = m
+            self.consts[2] = m - 1
             self._m = m
 
     @property
@@ -80,8 +83,8 @@ class Workspace(_HoldsViews):
         return self._m or 0
 
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
-        self.work, self.hbuf, self.zero, self.zeros = (_move(t, fn) for t in (self.work, self.hbuf, self.zero,
-                                                                               self.zeros))
+        self.work, self.hbuf, self.zero, self.zeros, self.consts = (
+            _move(t, fn) for t in (self.work, self.hbuf, self.zero, self.zeros, self.consts))
         self.key = self.key[:5] + (self.work.device, ) + self.key[6:]
         self.views = self._views()
 
@@ -179,9 +182,11 @@ class WindowBank(_HoldsViews):
             c, g = self.channels, self.groups
             k = self.kernel_shape
             gp = self.gp[:, :rows].transpose(0, 1)  # (T, C + g, D)
+            # the mean has no intercept (mu_tau(theta) = <P, W> + b exactly): a_mu is 0 and p_mu = <P, W_tau> + b_tau
+            # the measured mean
             out.update(g_mu=gp[:, c:].reshape(rows, g, *k[1:]), g_s=gp[:, :c].reshape(rows, *k),
-                       p_mu=st[:, MU] - st[:, A], p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
-                       a_mu=st[:, A].clone(), a_s=st[:, R].clone())
+                       p_mu=st[:, MU].clone(), p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
+                       a_mu=torch.zeros_like(st[:, MU]), a_s=st[:, R].clone())
             if self.qs is not None:
                 out['q'] = self.qs[:, :rows].transpose(0, 1).clone()  # (T, g, r, D + C/g)
         return out
@@ -216,18 +221,14 @@ class WindowBank(_HoldsViews):
         st = bank.stats
         st[:, MU] = t['mu']
         st[:, S] = t['s']
-        st[:, 4] = t['mu']  # E: the stored mean (Naive CBN reads it; a compensating forward overwrites it)
         st[:, M] = t['m'].to(dtype)[:, None]
         # written before skipped iterations had weights: every stored slot counted
         w = t['w'] if t.get('w') is not None else (torch.arange(capacity) < int(state['count'])).to(dtype)
         st[:, ONE] = w.to(dtype)[:, None]
         if kernel_shape is not None:
-            if t.get('a_mu') is not None:
-                st[:, A], st[:, R] = t['a_mu'], t['a_s']
-            else:  # the old format: A = mu - p_mu - bias, R = s - p_s
-                bias = t['bias'] if t.get('bias') is not None else 0
-                st[:, A] = t['mu'] - t['p_mu'] - bias
-                st[:, R] = t['s'] - t['p_s']
+            # R = s - <G, W_tau>, stored since the bank existed ('a_s'), else from the recorded product; the mean's
+            # intercept ('a_mu', or mu - p_mu - bias before) is not needed: rounding aside it is 0 (Euler)
+            st[:, R] = t['a_s'] if t.get('a_s') is not None else t['s'] - t['p_s']
             c = channels
             bank.gp[:c] = t['g_s'].reshape(capacity, c, -1).transpose(0, 1).to(device)
             bank.gp[c:] = t['g_mu'].reshape(capacity, groups, -1).transpose(0, 1).to(device)

@@ -10,12 +10,15 @@ Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.
 
 * ``stats`` (T, F, C), one row of F fields per stored iteration and channel:
 
-  - ``A = mu - <P, W_tau> - b_tau``: the mean's intercept, so that ``mu_tau(theta_t) = A + <P, W_t> + b_t``;
-  - ``R = s - <G, W_tau>``: the centred moment's, so that ``s_tau(theta_t) = R + <G, W_t> - dmu^2`` (Eq. 8);
-  - ``S = s`` and ``MU = mu`` as measured;
-  - ``E`` and ``Q``, scratch of each forward: the compensated mean, and ``s_c + (mu_c - mu_t)^2``. Naive CBN keeps
-    ``E = mu`` (its mean is not moved);
-  - ``ONE = w`` (1, or 0 for a skipped or empty slot) and ``M = m`` (values per channel), constant over C.
+  - ``R = s - <G, W_tau>``: the centred moment's intercept, so that ``s_tau(theta_t) = R + <G, W_t> - dmu^2``
+    (Eq. 8). The mean needs none: it is linear in the kernel, ``mu_tau(theta_t) = <P, W_t> + b_t`` exactly (Eq. 7;
+    Euler's identity ``<P, W_tau> + b_tau = mu_tau``, so no intercept is stored);
+  - ``MU = mu`` and ``S = s`` as measured;
+  - ``E`` and ``Q``, scratch of each forward: ``mu_c - mu_t`` (the compensated mean, shifted by the current one),
+    and ``s_c + (mu_c - mu_t)^2``. Naive CBN's ``mu_c`` is ``mu`` (its mean is not moved);
+  - ``ONE = w`` (1, or 0 for a skipped or empty slot) and ``M = m`` (values per channel), constant over C;
+  - ``E2, Q2, ONE2, M2`` and ``ONE3, M3``: fields of the scratch entry (the current iteration), stored with it and
+    never read from a slot (see below).
 
   A skipped (non-finite) or empty slot holds zeros: no NaN is ever stored, and a zero row is finite under any kernel.
 * ``gp`` (C + g, T, D): ``G = ds/dW`` (C rows) and ``P = dmu/dW`` (g rows, one per group), with
@@ -23,13 +26,16 @@ Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.
 * ``qs`` (g, T, r, D + C/g), only with ``second_order = r > 0``: per slot, ``r`` centred input patches
   ``X' = P - x_i`` and their outputs ``Y' = W_tau X'``, from which :func:`compensate_bank` adds the second-order
   term ``mean_i ((W_t - W_tau) . (P - x_i))^2`` to the centred moment.
-* ``work``, one flat buffer ``[gp entry (C + g, D) | q entry (g, r, D + C/g) | entry (F, C) | sums (4, C)]``: the
-  current iteration's kernel gradients, patches, fields and the window's sums. One reduction over it decides, on the
-  device, whether everything this forward computed is finite.
+* ``work``, one flat buffer ``[q entry (g, r, D + C/g) | gp entry (C + g, D) | entry (F, C) | sums (4, C)]``: the
+  current iteration's patches, kernel gradients, fields and the window's sums. One reduction over it decides, on the
+  device, whether everything this forward computed is finite. A push copies ``[gp entry | entry]`` into a slot.
 
-With the current iteration as an extra row of weight 1 (``E = mu_t``, ``Q = s_t``, ``ONE = 1``, ``M = m_t``), one
-matrix product gives ``sum w mu_c``, ``sum w Q``, ``n = sum w`` and the count ``sum w m``; the window's variance is
-then the shifted two-pass form ``sum w Q / n - (mu_bar - mu_t)^2``, which does not cancel when ``|mu| >> sigma``.
+The current iteration enters the sums as the entry's ``[E2, Q2, ONE2, M2] = [0, s_t, 1, m_t - 1]``, so that one
+matrix product over the slots' ``[E, Q, ONE, M]`` gives ``n * (mu_bar - mu_t)``, ``sum w Q``, ``n = sum w`` and
+``M - 1`` (``M = sum w m``, for the running variance's ``M / (M - 1)``); the window's variance is then the shifted
+two-pass form ``sum w Q / n - (mu_bar - mu_t)^2``, which does not cancel when ``|mu| >> sigma``. The entry's
+``[MU, S, ONE3, M3] = [mu_t, s_t, 1, m_t]`` is the batch's own statistics in the sums' layout: what a forward that
+falls back normalizes with. One op writes all of the entry's fields but ``R``.
 """
 from typing import Optional
 
@@ -39,12 +45,12 @@ from torch import Tensor
 from .conv_grads import ConvSpec, conv_stat_grads, sample_patches
 from .normalize import HistoryGrad
 
-__all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
-           'fill_entry', 'compensate_bank', 'window_sums', 'all_finite', 'history_terms', 'store_entry',
-           'running_update', 'lerp_pair']
+__all__ = ['FIELDS', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
+           'fill_entry', 'compensate_bank', 'window_sums', 'finish_mean', 'all_finite', 'history_terms',
+           'store_entry', 'running_update', 'lerp_pair']
 
-A, R, S, MU, E, Q, ONE, M = range(8)
-FIELDS = 8
+R, E, Q, ONE, M, E2, Q2, ONE2, M2, MU, S, ONE3, M3 = range(13)
+FIELDS = 13
 
 
 class BankViews:
@@ -57,13 +63,12 @@ class BankViews:
                  flat: Optional[Tensor] = None):
         t, _, c = stats.shape
         self.stats, self.gp, self.groups, self.qs = stats, gp, groups, qs
-        self.a, self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (A, R, S, MU, E, Q))
+        self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (R, S, MU, E, Q))
         self.weights = stats[:, ONE, :1].t()  # (1, T)
         self.w_col = stats[:, ONE, :1]  # (T, 1)
-        self.tail = stats[:, E:].reshape(t, -1)  # (T, 4C): E, Q, ONE, M
+        self.tail = stats[:, E:M + 1].reshape(t, -1)  # (T, 4C): E, Q, ONE, M
         self.r_col = self.r.t().unsqueeze(-1)  # (C, T, 1)
         if groups > 1:
-            self.a_g = self.a.view(t, groups, c // groups).transpose(0, 1)  # (g, T, C/g)
             self.e_g = self.e.view(t, groups, c // groups)
         self.g_rows = gp[:c] if gp is not None else None  # (C, T, D)
         self.p_rows = gp[c:] if gp is not None else None  # (g, T, D)
@@ -97,23 +102,22 @@ class ScratchViews:
         self.entry = work[g:g + FIELDS * c].view(FIELDS, c)
         self.slot_entry = work[qsize:g + FIELDS * c]
         self.sums = work[g + FIELDS * c:].view(4, c)
-        self.entry_a = self.entry[A:A + 1]  # (1, C)
-        self.entry_a_g = self.entry[A].view(groups, 1, c // groups)
         self.entry_r3 = self.entry[R].view(c, 1, 1)
-        self.entry_moments = self.entry[S:Q + 1]  # S, MU, E, Q
-        self.fallback = self.entry[E:]  # (mu_t, s_t, 1, m): the batch's own, as the sums' rows
-        self.entry_tail = self.entry[E:].reshape(1, -1)
+        self.entry_fields = self.entry[Q:]  # all but R and E: what fill_entry's one op writes
+        self.fallback = self.entry[MU:]  # (mu_t, s_t, 1, m): the batch's own, as the sums' rows
+        self.entry_tail = self.entry[E2:M2 + 1].reshape(1, -1)  # (0, s_t, 1, m - 1), the sums' addend
         self.sums_row = self.sums.view(1, -1)
         self.sums_moments = self.sums[:2]
         self.sums_n = self.sums[2, :1]
-        self.mu_bar, self.var_bar, self.n, self.m_total = self.sums[0], self.sums[1], self.sums[2, 0], self.sums[3]
+        # sums[0] is mu_bar - mu_t between window_sums and finish_mean, mu_bar after it
+        self.mean_row, self.var_bar, self.n, self.m_less = self.sums[0], self.sums[1], self.sums[2, 0], self.sums[3]
         self.inside = hbuf[:, :c]
         self.dev = hbuf[:, c:2 * c]
         if rows:
             self.g_entry3 = self.gp_entry[:c].view(c, 1, d)
             self.p_entry = self.gp_entry[c:]
             self.p_entry3 = self.p_entry.view(groups, 1, d)
-        s_start = g + S * c
+        s_start = g + Q * c  # the fields every forward writes (R only with kernel gradients)
         end = g + FIELDS * c
         # the part of work a forward wrote, for its one finiteness check: (kernel gradients?, sums?) -> the view,
         # and the same part of ``zeros`` (a zero vector as long as work) for all_finite's one product
@@ -145,22 +149,16 @@ class KernelViews:
 
 
 def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvSpec], x: Tensor, mu_t: Tensor,
-               s_t: Tensor, subsample: int = 1) -> None:
-    """Write the current iteration into the scratch entry: its moments, and with ``kv`` (a push with compensation)
-    its kernel gradients (Appendix B: the floor's one weight-gradient) and intercepts ``A``, ``R``; with a
+               s_t: Tensor, consts: Tensor, subsample: int = 1) -> None:
+    """Write the current iteration into the scratch entry: its fields (one op, with ``consts`` (4, C), the rows
+    ``[1, m, m - 1, 0]`` of :class:`cbn_mmdet.models.window.Workspace`), and with ``kv`` (a push with
+    compensation) its kernel gradients (Appendix B: the floor's one weight-gradient) and the intercept ``R``; with a
     second-order scratch (``sv.q_entry``) also ``r`` centred input patches ``X' = P - x_i`` (negated, which saves an
     op and changes no square) and their outputs ``Y' = W_tau X'``.
-
-    The entry's ``ONE`` and ``M`` rows are set when the input's shape changes, not here.
     """
     if kv is not None:
         groups = conv.groups
         conv_stat_grads(conv, x, mu_t, subsample, out=sv.gp_entry)
-        base = mu_t if conv.bias is None else mu_t - conv.bias.detach().to(mu_t.dtype)
-        if groups == 1:  # A = mu - <P, W> - b                                                (Eq. 7 at tau)
-            torch.addmm(base.view(1, -1), sv.p_entry, kv.wt, alpha=-1, out=sv.entry_a)
-        else:
-            torch.baddbmm(base.view(groups, 1, -1), sv.p_entry3, kv.wg_t, alpha=-1, out=sv.entry_a_g)
         # R = s - <G_j, W_j>: C dot products in one batched product                              (Eq. 8 at tau)
         torch.baddbmm(s_t.view(-1, 1, 1), sv.g_entry3, kv.w3, alpha=-1, out=sv.entry_r3)
         if sv.q_entry is not None:
@@ -169,62 +167,78 @@ def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvS
             torch.addcmul(sv.p_entry3, values.view(r, groups, d).transpose(0, 1), mask.view(r, groups, d).transpose(0, 1),
                           value=-1, out=sv.xq_entry)  # P - x_i: zero padding reads 0, as the conv does
             torch.bmm(sv.xq_entry, kv.wg_t, out=sv.yq_entry)  # (g, r, C/g)
-    torch.stack([s_t, mu_t, mu_t, s_t], out=sv.entry_moments)
+    one, m, m_less, zero = consts
+    #                  Q    ONE  M  E2    Q2   ONE2 M2      MU    S    ONE3 M3
+    torch.stack([s_t, one, m, zero, s_t, one, m_less, mu_t, s_t, one, m], out=sv.entry_fields)
 
 
 def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optional[Tensor], mu_t: Tensor,
                     inside: Optional[Tensor] = None) -> Optional[Tensor]:
     """Move every stored iteration to the current kernel (Eq. 7-8, 10) and fill the scratch fields ``E``, ``Q``.
 
-    Without ``kv`` (Naive CBN) nothing is moved. With it, ``E = A + <P, W_t> + b_t = mu_tau(theta_t)`` and
-    ``s_tau(theta_t) = max(R + <G, W_t> - dmu^2, 0)`` with ``dmu = E - mu_tau`` (Eq. 8: ``nu`` to first order).
-    With a second-order bank (``bv.qs``) the centred moment is moved to second order instead:
-    ``s_tau(theta_t) = max(R + <G, W_t> + mean_i ((W_t - W_tau) . (P - x_i))^2, 0)``, exact for a convolution when
-    the ``r`` stored patches are all of iteration tau's (``s`` is quadratic in the kernel); its last term is
-    ``e = W_t X'^T - Y'`` squared and averaged. ``inside`` (T, C), if given, gets Eq. 10's clamp mask as 0/1 (the
-    exact backward's).
+    Without ``kv`` (Naive CBN) nothing is moved: ``E = mu - mu_t``. With it, ``E = <P, W_t> + b_t - mu_t``, the
+    compensated mean ``mu_tau(theta_t)`` shifted by the current one, and ``s_tau(theta_t) = max(R + <G, W_t> - dmu^2,
+    0)`` with ``dmu = <P, W_t> + b_t - mu_tau`` (Eq. 8: ``nu`` to first order); each of ``E`` and ``dmu`` is one
+    product (``beta=-1`` subtracts its shift). With a second-order bank (``bv.qs``) the centred moment is moved to
+    second order instead: ``s_tau(theta_t) = max(R + <G, W_t> + mean_i ((W_t - W_tau) . (P - x_i))^2, 0)``, exact for
+    a convolution when the ``r`` stored patches are all of iteration tau's (``s`` is quadratic in the kernel); its
+    last term is ``e = W_t X'^T - Y'`` squared and averaged. ``inside`` (T, C), if given, gets Eq. 10's clamp mask as
+    0/1 (the exact backward's).
 
     Returns:
         Tensor | None: ``dmu`` (T, C); ``e`` (g, C/g, Tr) for a second-order bank; None for Naive CBN.
     """
-    mu_c = bv.e
+    dev = bv.e
     if kv is None:
-        dev = mu_c - mu_t
+        torch.sub(bv.mu, mu_t, out=dev)
         torch.addcmul(bv.s, dev, dev, out=bv.q)
         return None
-    if bv.groups == 1:  # <P_tau, W_t> for every tau and channel, plus A                      (Eq. 7)
-        torch.addmm(bv.a, bv.p_rows[0], kv.wt, out=mu_c)
+    bias = None if conv_bias is None else conv_bias.detach().to(dev.dtype)
+    if bv.groups == 1:  # <P_tau, W_t> - mu_t for every tau and channel                        (Eq. 7)
+        torch.addmm(mu_t, bv.p_rows[0], kv.wt, beta=-1, out=dev)
     else:
-        bv.e_g.copy_(torch.baddbmm(bv.a_g, bv.p_rows, kv.wg_t).transpose(0, 1))
-    if conv_bias is not None:
-        mu_c.add_(conv_bias.detach().to(mu_c.dtype))
+        bv.e_g.copy_(torch.bmm(bv.p_rows, kv.wg_t).transpose(0, 1))
+        dev.sub_(mu_t)
+    if bias is not None:
+        dev.add_(bias)
     # R + <G_tau,j, W_t,j>: one batched product over the channels                             (Eq. 8)
     s_c = torch.baddbmm(bv.r_col, bv.g_rows, kv.w3)  # (C, T, 1)
     if bv.qs is None:
         s_c = s_c.squeeze(-1).t()
-        delta = mu_c - bv.mu
+        if bv.groups == 1:  # <P_tau, W_t> + b_t - mu_tau
+            delta = torch.addmm(bv.mu, bv.p_rows[0], kv.wt, beta=-1)
+            if bias is not None:
+                delta.add_(bias)
+        else:  # from E, which holds the bias already
+            delta = (dev + mu_t).sub_(bv.mu)
         s_c = torch.addcmul(s_c, delta, delta, value=-1)  # nu_tau(t) - mu_tau(t)^2
     else:  # + (W_t - W_tau)' C_tau (W_t - W_tau), C_tau from the slot's r patches: e e^T / r per (channel, tau)
-        t, c = mu_c.shape
+        t, c = dev.shape
         delta = torch.baddbmm(bv.yq_t, kv.w_g, bv.xq_t, beta=-1)  # e: (g, C/g, Tr), column tau * r + i
         e3 = delta.view(c * t, 1, bv.r)
         s_c = torch.baddbmm(s_c.view(c * t, 1, 1), e3, e3.transpose(1, 2), alpha=1.0 / bv.r).view(c, t).t()
     if inside is not None:
         torch.gt(s_c, 0, out=inside)
-    dev = mu_c - mu_t
     torch.addcmul(s_c.clamp_(min=0), dev, dev, out=bv.q)  # Eq. 10's clamp, then the shifted spread
     return delta
 
 
-def window_sums(bv: BankViews, sv: ScratchViews, mu_t: Tensor) -> None:
-    """The window's weighted sums, the current iteration included, and from them its statistics (Eq. 9-11).
+def window_sums(bv: BankViews, sv: ScratchViews) -> None:
+    """The window's weighted sums, the current iteration included, and from them its variance (Eq. 9-11).
 
-    Fills ``sums`` (4, C) with ``[mu_bar, var_bar, n, m_total]`` (``n`` and ``m_total`` constant over C).
+    Fills ``sums`` (4, C) with ``[mu_bar - mu_t, var_bar, n, M - 1]`` (``n`` and ``M - 1`` constant over C);
+    :func:`finish_mean` then makes the first row ``mu_bar``.
     """
     torch.addmm(sv.entry_tail, bv.weights, bv.tail, out=sv.sums_row)
-    sv.sums_moments.div_(sv.sums_n)  # mu_bar, and sum w Q / n                                  (Eq. 9)
-    shift = sv.mu_bar - mu_t
+    sv.sums_moments.div_(sv.sums_n)  # mu_bar - mu_t, and sum w Q / n                            (Eq. 9)
+    shift = sv.mean_row
     sv.var_bar.addcmul_(shift, shift, value=-1)  # var_bar = nu_bar - mu_bar^2, centred         (Eq. 10-11)
+
+
+def finish_mean(sv: ScratchViews, mu_t: Tensor) -> None:
+    """The sums' first row, ``mu_bar - mu_t`` after :func:`window_sums` (which :func:`history_terms` reads),
+    becomes ``mu_bar``."""
+    sv.mean_row.add_(mu_t)
 
 
 def all_finite(t: Tensor, zeros: Optional[Tensor] = None) -> Tensor:
@@ -252,11 +266,12 @@ def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool
     """
     t, c = bv.e.shape
     groups = bv.groups
+    # bv.e is mu_c - mu_t and the sums' first row mu_bar - mu_t (before finish_mean): their difference is mu_c - mu_bar
     if bv.qs is None:
-        base = torch.addcmul(bv.e, sv.inside, delta, value=-1)  # mu_tau(t) - [inside] dmu
-        torch.sub(base, sv.mu_bar, out=sv.dev)
+        base = torch.addcmul(bv.e, sv.inside, delta, value=-1)  # mu_tau(t) - [inside] dmu - mu_t
+        torch.sub(base, sv.mean_row, out=sv.dev)
     else:
-        torch.sub(bv.e, sv.mu_bar, out=sv.dev)
+        torch.sub(bv.e, sv.mean_row, out=sv.dev)
     # the weights need no product: every slot of weight 0 (skipped or empty) holds zero P, G and patches, and the
     # others weigh 1, so sum_tau w_tau f_tau P_tau = sum_tau f_tau P_tau for any coefficients f (the bias terms,
     # which have no P, take w below)
@@ -297,17 +312,17 @@ def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, fact
     current batch may hold a single value per channel (the host knows it), so ``M`` may be 1; otherwise ``M >= 2``
     and ``M - 1`` needs no clamp. ``packed``: the (2, C) tensor whose rows are ``mean`` and ``var``
     (:func:`cbn_mmdet.models.running.packed_running`): then the step is one select and one lerp."""
-    m_less = sv.m_total - 1
+    m_less = sv.m_less
     sv.var_bar.addcdiv_(sv.var_bar, m_less.clamp_(min=1) if single else m_less)  # var * (1 + 1/(M - 1))
     if packed is not None and packed.dtype == sv.sums.dtype:
         new = torch.where(ok, sv.sums[:2], packed)  # mu_bar and the unbiased var_bar, adjacent rows of the sums
         packed.lerp_(new, factor)  # a float or a device factor alike
         return
-    if mean.dtype != sv.mu_bar.dtype:  # a .half() module: its running statistics follow the cast, as BN's do
-        new = [torch.where(ok, sv.mu_bar, mean).to(mean.dtype), torch.where(ok, sv.var_bar, var).to(var.dtype)]
+    if mean.dtype != sv.mean_row.dtype:  # a .half() module: its running statistics follow the cast, as BN's do
+        new = [torch.where(ok, sv.mean_row, mean).to(mean.dtype), torch.where(ok, sv.var_bar, var).to(var.dtype)]
         factor = factor.to(mean.dtype) if isinstance(factor, Tensor) else factor
     else:
-        new = [torch.where(ok, sv.mu_bar, mean), torch.where(ok, sv.var_bar, var)]
+        new = [torch.where(ok, sv.mean_row, mean), torch.where(ok, sv.var_bar, var)]
     lerp_pair(mean, var, new, factor)
 
 

@@ -233,9 +233,14 @@ def test_non_finite_compensation_falls_back_to_the_batch(how, device):
     and their average overflows. Both fall back to the batch's own statistics (BN), decided on the device, and the
     gradients and running statistics stay finite."""
     conv, layer = trained_layer(k=3, iters=3, device=device)
-    # as if recorded against a kernel that has since diverged: p_s = -inf (R = s - p_s = inf), or p_mu = 3e38
-    field, value = (fused.R, float('inf')) if how == 'compensation' else (fused.A, -3e38)
-    layer.window_at(0).stats[:, field].fill_(value)
+    # as if recorded against a kernel that has since diverged: p_s = -inf (R = s - p_s = inf), or mean patches P
+    # with <P, W_t,0> = -1e37, a finite compensated mean whose square (the spread) overflows
+    bank = layer.window_at(0)
+    if how == 'compensation':
+        bank.stats[:, fused.R].fill_(float('inf'))
+    else:
+        w = conv.weight.detach()[0].reshape(-1)  # channel 0's mean is moved to -1e37
+        bank.gp[layer.num_features:] = w * (-1e37 / w.square().sum())
     h = layer.window_at(0).view()
     comp = compensate(h['mu'], h['s'], h['g_mu'], h['g_s'], h['p_mu'], h['p_s'], h['bias'], conv.weight.detach(),
                       conv.bias.detach())
