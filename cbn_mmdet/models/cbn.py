@@ -353,7 +353,12 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         state = dict(state)
         state['_last'] = _Last()  # references into another module; found again at the next forward
         state['_replays'] = ReplayBook()
+        state.pop('_running_packed', None)  # plain pickle would store it apart from the buffers: packed again
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        pack_running(self)
 
     # ------------------------------------------------------------------ helpers
     def _describe(self) -> str:

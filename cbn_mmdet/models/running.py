@@ -17,20 +17,22 @@ __all__ = ['pack_running', 'packed_running']
 def packed_running(module: Module) -> Optional[Tensor]:
     """The (2, C) tensor whose rows are ``module.running_mean`` and ``module.running_var``, or None when they are not
     its two rows (not tracked, or replaced since they were packed). Host attributes only: no op."""
+    packed = module.__dict__.get('_running_packed')
     mean, var = module.running_mean, module.running_var
-    if mean is None or var is None:
+    if packed is None or mean is None or var is None:
         return None
-    base = mean._base
-    if (base is None or var._base is not base or base.dim() != 2 or base.shape[0] != 2
-            or mean.data_ptr() != base.data_ptr() or var.data_ptr() != base.data_ptr() + base.stride(0) *
-            base.element_size() or mean.stride() != (1, ) or var.stride() != (1, )):
+    step = packed.stride(0) * packed.element_size()
+    if (mean.data_ptr() != packed.data_ptr() or var.data_ptr() != packed.data_ptr() + step
+            or mean.dtype != packed.dtype or var.dtype != packed.dtype or mean.device != packed.device
+            or mean.shape != packed.shape[1:] or var.shape != packed.shape[1:]):
         return None
-    return base
+    return packed
 
 
 def pack_running(module: Module) -> None:
-    """Make ``module.running_mean`` and ``running_var`` the two rows of one (2, C) tensor, keeping their values (a
-    no-op when they are packed already, or of different dtypes or devices)."""
+    """Make ``module.running_mean`` and ``running_var`` the two rows of one (2, C) tensor, kept as
+    ``module._running_packed`` (a plain attribute: copies and pickles keep the three sharing one storage), keeping
+    their values; a no-op when they are packed already, or of different dtypes, devices or shapes."""
     mean, var = module.running_mean, module.running_var
     if (mean is None or var is None or packed_running(module) is not None or mean.dtype != var.dtype
             or mean.device != var.device or mean.shape != var.shape or mean.dim() != 1):
@@ -39,3 +41,4 @@ def pack_running(module: Module) -> None:
         packed = torch.stack([mean, var])
     module._buffers['running_mean'] = packed[0]
     module._buffers['running_var'] = packed[1]
+    module.__dict__['_running_packed'] = packed

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
+from cbn_mmdet.models.running import packed_running
 from cbn_mmdet import resolve_auto_window
 from cbn_mmdet.ops import compensate, fused
 
@@ -472,9 +473,39 @@ def test_window_state_written_before_the_bank_loads():
     fresh.load_state_dict(layer.state_dict())
     fresh.set_window_state(old)
     x = conv(torch.randn(2, 3, 6, 6))
-    # A = mu - p_mu - bias is recomputed from three stored values: a few fp32 roundings (u = 6e-8) of values of
-    # size <= ~10, against outputs of size ~3
+    # R = s - p_s is recomputed from two stored values (the mean needs no intercept): a few fp32 roundings
+    # (u = 6e-8) of values of size <= ~10, against outputs of size ~3
     torch.testing.assert_close(fresh(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_slot_of_weight_zero_holds_no_gradients():
+    """The exact backward's history sums weigh no slot (history_terms): a slot of weight 0 must hold zero kernel
+    gradients, as a skipped push stores it, also when a window state says so."""
+    conv, layer = trained_layer(k=4, iters=5)
+    state = layer.get_window_state()
+    state['tensors']['w'][0] = 0
+    fresh = CBN(4, window_size=4)
+    fresh.set_window_state(state)
+    gp = fresh.window_at(0).gp
+    assert not gp[:, 0].any() and gp[:, 1:].abs().min() > 0
+
+
+def test_running_statistics_stay_one_tensor_through_moves_casts_and_loads():
+    """running_mean and running_var are the two rows of one tensor (a one-op EMA step); a move, cast, copy or load
+    keeps them so, and buffers replaced from outside take the per-buffer path with the same numbers."""
+    conv, layer = trained_layer(k=3, iters=4)
+    for other in (layer, copy.deepcopy(layer).double(), copy.deepcopy(layer).half(), pickle.loads(pickle.dumps(layer))):
+        packed = packed_running(other)
+        assert packed is not None and torch.equal(packed, torch.stack([other.running_mean, other.running_var]))
+    fresh = CBN(4, window_size=3)
+    fresh.load_state_dict(layer.state_dict())
+    assert packed_running(fresh) is not None and torch.equal(fresh.running_var, layer.running_var)
+    same, apart = copy.deepcopy(layer), copy.deepcopy(layer)
+    apart.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    assert packed_running(apart) is None and packed_running(same) is not None
+    x = conv(torch.randn(2, 3, 6, 6))
+    assert torch.equal(same(x), apart(x))
+    assert torch.equal(same.running_mean, apart.running_mean) and torch.equal(same.running_var, apart.running_var)
 
 
 @pytest.mark.parametrize('momentum', [0.1, None])
