@@ -5,7 +5,6 @@ The layer holds the options and orchestrates one call. Each kind of state has it
 finding the convolution (:mod:`.conv_lookup`). The formulas are in :mod:`cbn_mmdet.ops`.
 """
 import contextlib
-import math
 import warnings
 from typing import List, Optional, Tuple, Union
 
@@ -17,12 +16,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..ops import ConvSpec, batch_moments, cbn_normalize
 from ..ops._common import autocast_active
 from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, finish_mean, history_terms,
-                         lerp_pair, running_update, store_entry, window_sums)
+                         running_update, store_entry, window_sums)
 from .calls import CallTracker
 from .conv_lookup import find_conv, in_backward
-from .options import check_backward, check_window_size, find_module_path, positive_int
+from .inspection import InspectionMixin
+from .options import OptionsMixin, check_layer_options, check_window_size, find_module_path
 from .replay import CheckpointReplayMixin, Replay, ReplayBook, WindowStats
-from .running import pack_running, packed_running
+from .running import batch_update, pack_running, packed_running, running_factor
 from .window import WindowBank, WindowStateMixin, Workspace
 
 __all__ = ['CrossIterationBatchNorm2d']
@@ -39,7 +39,7 @@ class _Last:
         self.kernel_views: Optional[KernelViews] = None
 
 
-class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchNorm):
+class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayMixin, WindowStateMixin, _BatchNorm):
     r"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) over a 4D input.
 
     BatchNorm estimates its statistics from the current mini-batch alone, which is too few examples at the 1-4
@@ -180,17 +180,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
                  second_order: int = 0,
                  device=None,
                  dtype=None):
-        positive_int('num_features', num_features)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-            raise ValueError(f'eps must be a finite number > 0, got {eps!r}')
-        if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
-                                     or not 0 <= momentum <= 1):
-            raise ValueError(f'momentum must be None or a number in [0, 1], got {momentum!r}')
-        if not isinstance(compensate, bool):
-            raise ValueError(f'compensate must be a bool, got {compensate!r}')
-        positive_int('stat_grad_subsample', stat_grad_subsample)
-        check_backward(backward)
-        positive_int('second_order', second_order, minimum=0)
+        check_layer_options(num_features, eps, momentum, compensate, stat_grad_subsample, backward, second_order)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self._window_size = check_window_size(window_size)
         self.compensate = compensate
@@ -208,50 +198,6 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         self._replay_mismatches: Optional[Tensor] = None  # CUDA: checkpoint replays that saw another input
         self.module_path: Optional[str] = None  # set by CBNBurnInHook; looked up on error otherwise
         pack_running(self)  # running_mean and running_var: the two rows of one tensor, for a one-op EMA step
-
-    # ------------------------------------------------------------------ configuration
-    @property
-    def window_size(self) -> Union[int, str]:
-        return self._window_size
-
-    @window_size.setter
-    def window_size(self, value) -> None:
-        value = check_window_size(value)
-        if value != self._window_size:
-            self._banks = []
-            self._workspace = None
-        self._window_size = value
-
-    @property
-    def stat_grad_subsample(self) -> int:
-        return self._stat_grad_subsample
-
-    @stat_grad_subsample.setter
-    def stat_grad_subsample(self, value) -> None:
-        self._stat_grad_subsample = positive_int('stat_grad_subsample', value)  # takes effect at the next push
-
-    @property
-    def backward(self) -> str:
-        return self._backward
-
-    @backward.setter
-    def backward(self, value) -> None:
-        self._backward = check_backward(value)  # takes effect at the next forward
-
-    @property
-    def second_order(self) -> int:
-        return self._second_order
-
-    @second_order.setter
-    def second_order(self, value) -> None:
-        self._second_order = positive_int('second_order', value, minimum=0)  # a new bank at the next push
-
-    def extra_repr(self) -> str:
-        mode = 'taylor' if self.compensate else 'naive'
-        sub = f', stat_grad_subsample={self.stat_grad_subsample}' if self.stat_grad_subsample != 1 else ''
-        back = f', backward={self.backward!r}' if self.compensate else ''
-        second = f', second_order={self.second_order}' if self.second_order and self.compensate else ''
-        return f'{super().extra_repr()}, window_size={self.window_size!r}, compensate={mode}{back}{sub}{second}'
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 4:
@@ -273,62 +219,6 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         self._banks = []
         self._replays.clear()
         self._calls.reset()
-
-    # ------------------------------------------------------------------ what hooks and tools read
-    def window_at(self, position: int) -> Optional[WindowBank]:
-        """The window of the ``position``-th training call of an iteration (None if it holds nothing yet)."""
-        return self._banks[position] if 0 <= position < len(self._banks) else None
-
-    @property
-    def window_length(self) -> int:
-        """How many past iterations the window holds now (the first call position's; see :attr:`window_lengths`)."""
-        bank = self.window_at(0)
-        return 0 if bank is None else bank.count
-
-    @property
-    def window_lengths(self) -> List[int]:
-        """How many past iterations each call position's window holds now: one entry per training call of an
-        iteration (5 for a head shared across P3-P7), ``[]`` before any was stored."""
-        return [0 if b is None else b.count for b in self._banks]
-
-    @property
-    def window_nbytes(self) -> int:
-        """Bytes held by the windows of every call position (memory grows with the calls per iteration), not
-        counting the layer's one scratch workspace (:attr:`workspace_nbytes`)."""
-        return sum(b.nbytes for b in self._banks if b is not None)
-
-    @property
-    def workspace_nbytes(self) -> int:
-        """Bytes of the layer's scratch, shared by its call positions: about one kernel."""
-        ws = self._workspace
-        return 0 if ws is None else ws.work.nbytes + ws.hbuf.nbytes
-
-    @property
-    def calls_per_iteration(self) -> Optional[int]:
-        """Training calls per iteration, once a windowed iteration has ended (None before)."""
-        return self._calls.calls
-
-    @property
-    def call_position(self) -> int:
-        """The position of the latest training call within its iteration (-1 before any)."""
-        return self._calls.position
-
-    def next_call_position(self, x: Tensor) -> int:
-        """The call position a training forward of ``x`` would take now, without taking it (for hooks that look at
-        the window before the call, as CBNStatsErrorHook does)."""
-        conv = find_conv(x)[0] if self._counted() and x.numel() else None
-        return self._calls.next_position(self._kernel_of(conv))
-
-    @property
-    def last_call(self) -> Optional[Replay]:
-        """What the latest training call normalized with (its batch mean ``mu_t`` and its :class:`WindowStats`);
-        None for a call without statistics (an empty batch) or before any."""
-        return self._replays.get(self._calls.position)
-
-    @property
-    def last_conv(self) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-        """The kernel and bias of the convolution whose iteration was pushed last (None before any push)."""
-        return self._last.conv_params
 
     def _set_bank(self, position: int, bank: Optional[WindowBank]) -> None:
         if position >= len(self._banks):
@@ -513,7 +403,7 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         finish_mean(sv, mu_t)
         chosen = torch.where(ok, sv.sums, sv.fallback)  # (mu, var, n, M - 1), or the batch's own
         if self.track_running_stats:
-            running_update(self.running_mean, self.running_var, sv, ok, self._running_factor(ok, mu_t.dtype),
+            running_update(self.running_mean, self.running_var, sv, ok, running_factor(self, ok, mu_t.dtype),
                            single=ws.count < 2, packed=packed_running(self))
         return WindowStats(chosen[0], chosen[1], chosen[2, 0], hist, ok)
 
@@ -526,22 +416,8 @@ class CrossIterationBatchNorm2d(CheckpointReplayMixin, WindowStateMixin, _BatchN
         if self.track_running_stats and not replay:
             with torch.no_grad():
                 mu, s = batch_moments(x.detach()) if moments is None else moments
-                m = x.numel() // x.shape[1]
-                new = torch.stack([mu, s * (m / max(m - 1, 1))])
-                ok = all_finite(new)
-                mean, var = self.running_mean, self.running_var
-                factor = self._running_factor(ok, mean.dtype)
-                new = new if new.dtype == mean.dtype else new.to(mean.dtype)
-                lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)
+                batch_update(self, mu, s, x.numel() // x.shape[1])
         return y
-
-    def _running_factor(self, ok: Tensor, dtype: torch.dtype):
-        """Count the call where ``ok`` (a non-finite or fallen-back one is not counted; BN counts every batch) and
-        return the EMA factor: ``momentum``, or the cumulative ``1/count`` on the device for ``momentum=None``."""
-        self.num_batches_tracked.add_(ok)
-        if self.momentum is None:
-            return 1.0 / self.num_batches_tracked.clamp(min=1).to(dtype)
-        return self.momentum
 
     def normalize(self, x: Tensor, stats: WindowStats, conv: Optional[ConvSpec]) -> Tensor:
         """Normalize ``x`` with ``stats`` (Eq. 12, 4); the exact backward reaches ``conv``'s kernel. An extension

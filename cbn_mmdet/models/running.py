@@ -5,13 +5,15 @@ that the EMA step is one select and one lerp over both. Everything that replaces
 cast, ``load_state_dict(assign=True)``) is seen: :func:`pack_running` packs again after a module ``_apply``, and
 :func:`packed_running` returns None for buffers that are not packed, whose update then takes one op more.
 """
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
-__all__ = ['pack_running', 'packed_running']
+from ..ops.fused import all_finite, lerp_pair
+
+__all__ = ['pack_running', 'packed_running', 'running_factor', 'batch_update']
 
 
 def packed_running(module: Module) -> Optional[Tensor]:
@@ -42,3 +44,27 @@ def pack_running(module: Module) -> None:
     module._buffers['running_mean'] = packed[0]
     module._buffers['running_var'] = packed[1]
     module.__dict__['_running_packed'] = packed
+
+
+def running_factor(module: Module, ok: Tensor, dtype: torch.dtype) -> Union[float, Tensor]:
+    """Count the call where ``ok`` (a non-finite or fallen-back one is not counted; BN counts every batch) and
+    return the EMA factor: ``momentum``, or the cumulative ``1/count`` on the device for ``momentum=None``."""
+    module.num_batches_tracked.add_(ok)
+    if module.momentum is None:
+        return 1.0 / module.num_batches_tracked.clamp(min=1).to(dtype)
+    return module.momentum
+
+
+def batch_update(module: Module, mu: Tensor, s: Tensor, m: int) -> None:
+    """BN's running-statistics step with a batch's own ``mu`` and centred moment ``s`` over ``m`` values per
+    channel (the variance unbiased by ``m / (m - 1)``), skipped where they are not finite (decided on the device)."""
+    new = torch.stack([mu, s * (m / max(m - 1, 1))])
+    ok = all_finite(new)
+    mean, var = module.running_mean, module.running_var
+    factor = running_factor(module, ok, mean.dtype)
+    new = new if new.dtype == mean.dtype else new.to(mean.dtype)
+    packed = packed_running(module)
+    if packed is not None:
+        packed.lerp_(torch.where(ok, new, packed), factor)
+    else:
+        lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)

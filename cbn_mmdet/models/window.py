@@ -82,6 +82,10 @@ class Workspace(_HoldsViews):
         """Values per channel of the current input (0 before any)."""
         return self._m or 0
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.work, self.hbuf, self.zeros, self.consts))
+
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero, self.zeros, self.consts = (
             _move(t, fn) for t in (self.work, self.hbuf, self.zero, self.zeros, self.consts))

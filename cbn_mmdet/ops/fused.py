@@ -164,8 +164,9 @@ def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvS
         if sv.q_entry is not None:
             r, d = sv.xq_entry.shape[1:]
             values, mask = sample_patches(conv, x.shape[2:], r, mu_t.dtype)  # (r, g * D)
-            torch.addcmul(sv.p_entry3, values.view(r, groups, d).transpose(0, 1), mask.view(r, groups, d).transpose(0, 1),
-                          value=-1, out=sv.xq_entry)  # P - x_i: zero padding reads 0, as the conv does
+            torch.addcmul(sv.p_entry3, values.view(r, groups, d).transpose(0, 1),
+                          mask.view(r, groups, d).transpose(0, 1), value=-1,
+                          out=sv.xq_entry)  # P - x_i: zero padding reads 0, as the conv does
             torch.bmm(sv.xq_entry, kv.wg_t, out=sv.yq_entry)  # (g, r, C/g)
     one, m, m_less, zero = consts
     #                  Q    ONE  M  E2    Q2   ONE2 M2      MU    S    ONE3 M3
