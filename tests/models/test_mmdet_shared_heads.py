@@ -12,6 +12,7 @@ from mmengine.hub import get_config
 from mmengine.registry import DefaultScope
 
 import cbn_mmdet  # noqa: F401
+from cbn_mmdet.ops.fused import FIELDS
 from cbn_mmdet import CrossIterationBatchNorm2d
 
 register_all_modules()
@@ -67,9 +68,9 @@ def test_shared_head_keeps_one_window_per_fpn_level(name):
     backbone = [m for m in model.backbone.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     assert len(head) == 8 and len(backbone) == 53  # 4 cls + 4 reg convs; R50's stem, 16 blocks x 3, 4 downsamples
     packed = train(model)
-    # per stored iteration and level: ds/dW (256 x 256 x 3 x 3), dmu/dW (256 x 3 x 3) and the bank's 8 per-channel
-    # fields, in fp32; memory grows with the 5 calls (tools/analysis/shared_head_memory.py prints it)
-    per_level = (K - 1) * 4 * (256 * 256 * 9 + 256 * 9 + 8 * 256)
+    # per stored iteration and level: ds/dW (256 x 256 x 3 x 3), dmu/dW (256 x 3 x 3) and the bank's FIELDS
+    # per-channel fields, in fp32; memory grows with the 5 calls (tools/analysis/shared_head_memory.py prints it)
+    per_level = (K - 1) * 4 * (256 * 256 * 9 + 256 * 9 + FIELDS * 256)
     for layer_name, layer in head:
         assert layer.window_lengths == [K - 1] * 5 and layer.calls_per_iteration == 5, layer_name
         assert layer.window_nbytes == 5 * per_level
