@@ -1,12 +1,18 @@
 """Benchmarks of CBN: launches and host time, layer cost against its floor, model step time, cost against the
 window size, memory.
 
-    python tools/benchmark.py [--cases launch,layer,window,model] [--reps 7] [--device cpu|cuda] [--out FILE]
+    python tools/benchmark.py [--cases launch,layer,window,model,model_noops] [--reps 7] [--device cpu|cuda]
+                              [--out FILE]
 
 The ``launch`` case counts the non-view aten ops of one windowed forward+backward of conv -> norm (each is a kernel
 launch on a GPU, where a layer's time is set by its launches, not its FLOPs) with a ``TorchDispatchMode``, and times
 the same step at a tiny shape (2x8x8x8, one thread), where the arithmetic is near zero: the host time per
 layer-iteration. Both are the CPU stand-ins for the GPU's cost.
+
+The ``model`` case builds mmdet's Faster R-CNN, whose RoIAlign and nms are mmcv's compiled ops. ``model_noops``
+(not in the default ``--cases``) needs no ops, so it runs where mmcv is pure Python (``tools/gpu_check.sh``): mmdet's
+R50 + FPN on an image batch and the 4conv1fc head stack on RoI-shaped tensors, forward+backward+SGD, with BN
+everywhere, CBN in FPN and head ('CBN heads') and CBN everywhere ('CBN all'); it reports their step-time ratios.
 
 Every case runs in this one process, with warm-up, the variants interleaved in each repetition (this machine is
 shared and noisy), and the median of the repetitions. CPU cases are timed in process CPU time, CUDA cases in wall
@@ -509,6 +515,146 @@ def run_model(args, device):
     return out
 
 
+# ----------------------------------------------------------------------------- model case without mmcv's ops
+NOOPS_VARIANTS = ('BN all', 'CBN heads', 'CBN all')
+NOOPS_WINDOW = 4  # CBN's window size k in this case, as in the model case (the paper's detection setting)
+NOOPS_ROI = 7  # RoIAlign's output size in the Faster R-CNN config (roi_layer output_size=7): RoIs of 256x7x7
+# the package __init__s that load_mmdet_resnet_fpn() skips, and the module files it loads, in dependency order
+NOOPS_PACKAGES = ('mmdet.models', 'mmdet.models.layers', 'mmdet.models.backbones', 'mmdet.models.necks')
+NOOPS_MODULES = ('mmdet.models.layers.res_layer', 'mmdet.models.backbones.resnet', 'mmdet.models.necks.fpn')
+
+
+def load_mmdet_resnet_fpn():
+    """mmdet's ``ResNet`` and ``FPN`` classes, without running ``mmdet/models/__init__.py`` (or mmcv.ops).
+
+    ``mmdet.models`` and its subpackages import every detector in their ``__init__``, and with them mmcv's compiled
+    ops (RoIAlign, nms), which the pure-Python mmcv of the GPU check lacks: ``import mmdet.models`` fails there. The
+    three module files that ResNet and FPN live in need only mmcv.cnn, mmengine, mmdet.registry and mmdet.utils, none
+    of which imports mmcv.ops. They are loaded by the standard import machinery under their real names, beneath
+    placeholder packages (a bare module with the real ``__path__``, whose ``__init__`` never runs), and the
+    placeholders are removed again. The real names matter: executing resnet.py and fpn.py registers ResNet and FPN
+    in mmdet's MODELS registry, and a later real ``import mmdet.models`` (where mmcv has its ops, as on the CPU
+    machine) finds the three modules in sys.modules instead of executing them a second time, which would register
+    the names twice, an error in mmengine; such an import works (from-imports of them too), but the new package
+    objects then lack the three as attributes (``mmdet.models.necks.fpn`` by attribute access). Where
+    ``mmdet.models`` is already imported (``main`` runs the model case first), its modules are used as they are.
+    """
+    import importlib
+    import types
+
+    import mmdet
+    models_dir = osp.join(osp.dirname(mmdet.__file__), 'models')
+    placeholders = [pkg for pkg in NOOPS_PACKAGES if pkg not in sys.modules]
+    for pkg in placeholders:
+        module = types.ModuleType(pkg)
+        module.__path__ = [osp.join(models_dir, *pkg.split('.')[2:])]
+        sys.modules[pkg] = module
+    try:
+        res_layer, resnet, fpn = NOOPS_MODULES
+        if 'mmdet.models.layers' in placeholders:  # resnet.py's `from ..layers import ResLayer` reads the package
+            sys.modules['mmdet.models.layers'].ResLayer = importlib.import_module(res_layer).ResLayer
+        return importlib.import_module(resnet).ResNet, importlib.import_module(fpn).FPN
+    finally:
+        for pkg in placeholders:
+            del sys.modules[pkg]
+
+
+def build_noops_model(variant, device):
+    """R50 + FPN as in mmdet's faster-rcnn_r50_fpn_1x_coco.py (no pretrained weights) and the shared 4conv1fc stack of
+    ``Shared4Conv1FCBBoxHead`` (4 ConvModules 3x3 256 with the norm, then fc 256*7*7 -> 1024 and ReLU), built from
+    mmdet's and mmcv's pure-Python modules. 'CBN heads' puts CBN in the FPN and the head stack, as the model case's
+    variant of that name does (12 layers); 'CBN all' in the backbone too; 'BN all' is the baseline of both."""
+    from mmcv.cnn import ConvModule
+    if variant not in NOOPS_VARIANTS:
+        raise ValueError(f'model_noops: unknown variant {variant!r} (choose from {NOOPS_VARIANTS})')
+    resnet, fpn = load_mmdet_resnet_fpn()
+    bn = dict(type='BN', requires_grad=True)
+    cbn = dict(type='CBN', window_size=NOOPS_WINDOW, requires_grad=True)
+    body, heads = (cbn if variant == 'CBN all' else bn), (bn if variant == 'BN all' else cbn)
+    torch.manual_seed(0)
+    # norm_eval=False: the backbone's norms train (as the model case's 'all' variants); frozen_stages=1 as the config
+    backbone = resnet(depth=50, num_stages=4, out_indices=(0, 1, 2, 3), frozen_stages=1, norm_cfg=dict(body),
+                      norm_eval=False, style='pytorch', init_cfg=None)
+    # the config's neck: R50's four stage widths in, 256 channels and 5 levels out
+    neck = fpn(in_channels=[256, 512, 1024, 2048], out_channels=256, num_outs=5, norm_cfg=dict(heads))
+    # Shared4Conv1FCBBoxHead's defaults: conv_out_channels=256 (the model case sets it), fc_out_channels=1024
+    head = nn.Sequential(*[ConvModule(256, 256, 3, padding=1, norm_cfg=dict(heads)) for _ in range(4)],
+                         nn.Flatten(1), nn.Linear(256 * NOOPS_ROI * NOOPS_ROI, 1024), nn.ReLU(inplace=True))
+    return nn.ModuleDict(dict(backbone=backbone, neck=neck, head=head)).to(device)
+
+
+def noops_norms(model):
+    """{part: {norm class: count}} of a model from :func:`build_noops_model`."""
+    out = {}
+    for part, module in model.items():
+        counts = out.setdefault(part, {})
+        for m in module.modules():
+            if isinstance(m, (nn.BatchNorm2d, CrossIterationBatchNorm2d)):
+                counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
+    return out
+
+
+def noops_step_fn(model, images, rois):
+    """One training step: forward and backward of backbone + FPN on ``images`` and of the head stack on ``rois``
+    (standing for RoIAlign's output, which needs mmcv's ops; it requires grad, so the head computes its input
+    gradient as in the detector), with a scalar loss, then an SGD step (so the windows compensate real kernel
+    changes). Every CBN layer is told the iteration first (``begin_iteration``, as CBNBurnInHook does after burn-in:
+    windowed, collecting)."""
+    # the model case's optimizer (train_step_fn): small steps, the kernels move a little every iteration
+    optim = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    iteration = [0]
+    model.train()  # ResNet.train() keeps its frozen stages in eval mode
+
+    def step():
+        for layer in layers:
+            layer.begin_iteration(iteration[0])
+        iteration[0] += 1
+        feats = model['neck'](model['backbone'](images))
+        loss = sum(f.pow(2).mean() for f in feats) + model['head'](rois).pow(2).mean()
+        loss.backward()
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        rois.grad = None
+
+    return step
+
+
+def run_model_noops(args, device):
+    # 512: the model case's images (detection_batch); 256 on the CPU keeps a step at a few seconds on this machine
+    size = args.noops_size or (512 if device.type == 'cuda' else 256)
+    gen = torch.Generator().manual_seed(0)  # the batch is drawn on the CPU: the same numbers on every device
+    images = torch.randn(args.noops_images, 3, size, size, generator=gen).to(device)
+    rois = torch.randn(args.noops_rois, 256, NOOPS_ROI, NOOPS_ROI, generator=gen).to(device).requires_grad_()
+    models = {v: build_noops_model(v, device) for v in NOOPS_VARIANTS}
+    cases = {v: noops_step_fn(m, images, rois) for v, m in models.items()}
+    # k-1 steps fill a window; the k-th is the first timed like every later one (warm-up inside interleaved())
+    times = interleaved(cases, args.model_reps, max(args.warmup, NOOPS_WINDOW), device)
+    out = dict(images=list(images.shape), rois=list(rois.shape), window_size=NOOPS_WINDOW,
+               norms={v: noops_norms(m) for v, m in models.items()},
+               times={v: summary(t) for v, t in times.items()},
+               ratios={f'{v} / BN all': paired(times, v, 'BN all') for v in ('CBN heads', 'CBN all')})
+    # the CBN layers that train (those of the backbone's frozen stages are in eval mode: plain BN, no window) and how
+    # many past iterations their windows hold now: k-1 when the steps really ran windowed
+    out['cbn_layers'] = {}
+    for v, m in models.items():
+        cbn = [layer for layer in m.modules() if isinstance(layer, CrossIterationBatchNorm2d)]
+        lengths = [layer.window_length for layer in cbn if layer.training]
+        out['cbn_layers'][v] = dict(total=len(cbn), training=len(lengths),
+                                    window_lengths=[min(lengths), max(lengths)] if lengths else [])
+    print(f"\n[model_noops] R50-FPN on {'x'.join(map(str, out['images']))} + 4conv1fc on {args.noops_rois} RoIs "
+          f"(no mmcv ops), forward+backward+SGD, CBN k={NOOPS_WINDOW}")
+    for v, s in out['times'].items():
+        c = out['cbn_layers'][v]
+        windows = f", windows of {'-'.join(map(str, sorted(set(c['window_lengths']))))}" if c['training'] else ''
+        print(f"  {v:<12}{1e3 * s['median']:10.1f} ms  [{1e3 * s['q1']:.1f}, {1e3 * s['q3']:.1f}]  "
+              f"{c['total']} CBN layers, {c['training']} training{windows}")
+    for name, s in out['ratios'].items():
+        print(f"  {name:<22}{s['median']:7.3f}  IQR [{s['q1']:.3f}, {s['q3']:.3f}]  "
+              f"95% CI of median [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]")
+    return out
+
+
 def _leaves(obj):
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -549,13 +695,22 @@ def run_memory(args):
     return out
 
 
+CASES = ('launch', 'layer', 'window', 'model', 'model_noops', 'memory')
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--cases', default='launch,layer,window,model,memory')
+    parser.add_argument('--cases', default='launch,layer,window,model,memory',
+                        help=f"comma-separated, of {','.join(CASES)} (model_noops: not in the default)")
     parser.add_argument('--reps', type=int, default=15, help='repetitions of the layer cases (median)')
     parser.add_argument('--second-order', type=int, default=0,
                         help="also time CBN with second_order=R in the layer case (0: not)")
     parser.add_argument('--model-reps', type=int, default=5, help='repetitions of the model cases (median)')
+    parser.add_argument('--noops-size', type=int, default=None,
+                        help='model_noops: image side (default 512 on CUDA, 256 on the CPU)')
+    parser.add_argument('--noops-images', type=int, default=2, help='model_noops: images per batch')
+    parser.add_argument('--noops-rois', type=int, default=512,
+                        help="model_noops: RoIs for the head stack (Faster R-CNN's sampler keeps 512 per image)")
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--subsample', type=int, default=4,
                         help="also time CBN with stat_grad_subsample=R in the layer case (1: skip)")
@@ -576,6 +731,15 @@ def main(argv=None):
         parser.error(f'--subsample must be >= 1, got {args.subsample}')
     if args.second_order < 0:
         parser.error(f'--second-order must be >= 0, got {args.second_order}')
+    unknown = [c for c in args.cases.split(',') if c not in CASES]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r} in {args.cases!r} (choose from {','.join(CASES)})")
+    for name in ('model_reps', 'noops_images', 'noops_rois'):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    # the backbone downsamples by 32, and BN in training needs more than one value per channel at C5 (2x2 at 64)
+    if args.noops_size is not None and (args.noops_size < 64 or args.noops_size % 32):
+        parser.error(f'--noops-size must be a multiple of 32 and >= 64, got {args.noops_size}')
     device = torch.device(args.device)
     default_threads = torch.get_num_threads()
     result = dict(device=str(device), torch=torch.__version__,
@@ -596,6 +760,8 @@ def main(argv=None):
     result['model_threads'] = torch.get_num_threads()
     if 'model' in cases:
         result['model'] = run_model(args, device)
+    if 'model_noops' in cases:
+        result['model_noops'] = run_model_noops(args, device)
     if 'memory' in cases:
         result['memory'] = run_memory(args)
     os.makedirs(osp.dirname(args.out), exist_ok=True)

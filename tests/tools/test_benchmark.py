@@ -81,3 +81,60 @@ def test_a_windowed_layer_iteration_launches_a_fixed_few_ops():
     # the second-order term (r patches per slot): 5 ops more, whatever r (issue 20; counted when it was added)
     second = {r: benchmark.count_launches(f'CBN k=4 r={r}')[0] - bn for r in (4, 16)}
     assert second[4] == second[16] <= ours['CBN k=4'] + 5
+
+
+# model_noops, in a child process where `import mmcv.ops` fails (a None entry in sys.modules makes every import of
+# it raise ImportError), as on the GPU check's pure-Python mmcv; it reports what it imported and what it measured
+NOOPS_CHILD = r'''
+import json, sys
+sys.modules['mmcv.ops'] = None
+sys.path.insert(0, sys.argv[1])
+import benchmark
+result = benchmark.main(['--cases', 'model_noops', '--device', 'cpu', '--noops-size', '64', '--noops-images', '1',
+                         '--noops-rois', '8', '--model-reps', '2', '--warmup', '1', '--model-threads', '1',
+                         '--out', sys.argv[2]])['model_noops']
+result['mmdet_models_modules'] = sorted(m for m in sys.modules if m == 'mmdet.models' or m.startswith('mmdet.models.'))
+result['mmcv_ops_modules'] = sorted(m for m in sys.modules if m.startswith('mmcv.ops.'))
+print('RESULT', json.dumps(result))
+'''
+
+
+def test_model_noops_runs_windowed_cbn_without_mmcv_ops(tmp_path):
+    """The model case of tools/gpu_check.sh: R50-FPN and the 4conv1fc stack from mmdet's and mmcv's pure-Python
+    modules, at a tiny size (1 image of 64x64, 8 RoIs, 2 repetitions: about 15 s here), with mmcv.ops unimportable."""
+    import json
+    import subprocess
+    proc = subprocess.run([sys.executable, '-c', NOOPS_CHILD, osp.join(ROOT, 'tools'), str(tmp_path / 'b.json')],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1][len('RESULT '):])
+    # only the three module files, never the package's __init__ (which imports every detector and mmcv.ops)
+    assert out['mmdet_models_modules'] == ['mmdet.models.backbones.resnet', 'mmdet.models.layers.res_layer',
+                                           'mmdet.models.necks.fpn']
+    assert out['mmcv_ops_modules'] == []
+    assert set(out['times']) == set(benchmark.NOOPS_VARIANTS) == {'BN all', 'CBN heads', 'CBN all'}
+    assert all(s['median'] > 0 and s['n'] == 2 for s in out['times'].values())
+    for name in ('CBN heads / BN all', 'CBN all / BN all'):
+        assert 0 < out['ratios'][name]['median'] < float('inf')
+    # the norms are where the variants say: R50 has 53 (stem, 3 per bottleneck, 4 downsamples), FPN 8, the head 4
+    cbn, bn = 'CrossIterationBatchNorm2d', 'BatchNorm2d'
+    assert out['norms']['BN all'] == {'backbone': {bn: 53}, 'neck': {bn: 8}, 'head': {bn: 4}}
+    assert out['norms']['CBN heads'] == {'backbone': {bn: 53}, 'neck': {cbn: 8}, 'head': {cbn: 4}}
+    assert out['norms']['CBN all'] == {'backbone': {cbn: 53}, 'neck': {cbn: 8}, 'head': {cbn: 4}}
+    # windowed: every CBN layer that trains holds k-1 past iterations after the warm-up and the timed steps; the
+    # 11 of the backbone's frozen stem and first stage (frozen_stages=1) are in eval mode
+    k = benchmark.NOOPS_WINDOW
+    assert out['cbn_layers']['BN all'] == dict(total=0, training=0, window_lengths=[])
+    assert out['cbn_layers']['CBN heads'] == dict(total=12, training=12, window_lengths=[k - 1, k - 1])
+    assert out['cbn_layers']['CBN all'] == dict(total=65, training=54, window_lengths=[k - 1, k - 1])
+    assert json.load(open(tmp_path / 'b.json'))['model_noops']['ratios'].keys() == out['ratios'].keys()
+
+
+def test_bad_noops_arguments_are_refused(capsys):
+    for argv, message in ((['--noops-size', '100'], '--noops-size must be a multiple of 32 and >= 64, got 100'),
+                          (['--noops-rois', '0'], '--noops-rois must be >= 1, got 0'),
+                          (['--cases', 'layer,model_nops'], "--cases: unknown case 'model_nops'")):
+        with pytest.raises(SystemExit):
+            benchmark.main(argv)
+        assert message in capsys.readouterr().err
