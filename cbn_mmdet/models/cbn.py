@@ -117,8 +117,8 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
     * **Switching** ``compensate`` off on a layer whose window was collected with compensation (or the reverse)
       restarts the window; meanwhile the layer normalizes as BN.
     * **Speed**: the window is a static bank of stacked tensors per call position (:mod:`cbn_mmdet.ops.fused`), so a
-      windowed forward and backward is a few dozen ops whatever ``k``: on a GPU, where a layer's time is set by its
-      kernel launches, that is what the cost is.
+      windowed forward and backward is 40 aten ops more than BN's whatever ``k`` (``tools/benchmark.py --cases
+      launch``): on a GPU, where a layer's time is set by its kernel launches, that is what the cost is.
     * **Dtype casts**: ``model.half()`` or ``.to(torch.bfloat16)`` moves the windows with the module but keeps
       their fp32 (fp64) statistics bit for bit; the running statistics follow the cast, as BN's do.
 
