@@ -18,7 +18,7 @@ from ..ops._common import autocast_active
 from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, finish_mean, history_terms,
                          running_update, store_entry, window_sums)
 from .calls import CallTracker
-from .conv_lookup import find_conv, in_backward
+from .conv_lookup import find_conv, in_backward, intercept_of
 from .inspection import InspectionMixin
 from .options import OptionsMixin, check_layer_options, check_window_size, find_module_path
 from .replay import CheckpointReplayMixin, Replay, ReplayBook, WindowStats
@@ -36,6 +36,7 @@ class _Last:
     def __init__(self):
         self.conv_params: Optional[Tuple[Tensor, Optional[Tensor]]] = None
         self.groups = 1
+        self.intercept = False  # its bias was not in its graph (frozen or derived)
         self.kernel_views: Optional[KernelViews] = None
 
 
@@ -76,7 +77,12 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
       Both send gradients to ``x`` through the current iteration's :math:`\mu_t, \nu_t` alone.
     * **Numerics**: the layer carries the centred moment :math:`s = \nu - \mu^2` per iteration, which is Eq. 8-11
       in exact arithmetic but does not cancel in fp32 when :math:`|\mu| \gg \sigma`. Statistics are fp32 for
-      fp16/bf16/fp32 input and fp64 for fp64 input.
+      fp16/bf16/fp32 input and fp64 for fp64 input. The mean is linear in the kernel, so a stored iteration's mean
+      is moved exactly, :math:`\mu_\tau(\theta_t) = \langle P_\tau, W_t\rangle + b_t`, in the statistics
+      dtype; a conv that rounds its kernel (autocast, TF32) is off from that by its own rounding,
+      :math:`|\langle P, W - \mathrm{round}(W)\rangle| \le u \langle |P|, |W|\rangle` (:math:`u = 2^{-8}` bf16,
+      :math:`2^{-11}` fp16 and TF32). A bias outside the graph (frozen or derived) has no readable value: the
+      window then keeps the mean's intercept per stored iteration.
     * **Second order** (``second_order = r > 0``): Eq. 8 moves :math:`\nu` to first order and misses
       :math:`\Delta\theta^\top M_2 \Delta\theta` (:math:`M_2` the input patches' second moment). Under the exact
       backward the kernel can turn fast, as BN's does, and then that term is most of the variance's error (issue
@@ -248,6 +254,8 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        if self._workspace is not None and self._workspace.views is None:  # scratch of another layout
+            self._workspace = None
         pack_running(self)
 
     # ------------------------------------------------------------------ helpers
@@ -275,13 +283,14 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
     def _kernel_of(self, conv: Optional[ConvSpec]) -> Optional[Tensor]:
         return conv.weight if conv is not None else (self._last.conv_params[0] if self._last.conv_params else None)
 
-    def _workspace_for(self, conv_shape, groups: int, dtype: torch.dtype, device) -> Workspace:
+    def _workspace_for(self, conv_shape, groups: int, dtype: torch.dtype, device, intercept: bool = False) -> Workspace:
         capacity = self._active_k() - 1
         patches = self.second_order if conv_shape is not None else 0
         key = (self.num_features, None if conv_shape is None else tuple(conv_shape), groups, capacity, dtype,
-               torch.device(device), patches)
+               torch.device(device), patches, intercept and conv_shape is not None)
         if self._workspace is None or self._workspace.key != key:
-            self._workspace = Workspace(self.num_features, conv_shape, groups, capacity, dtype, device, patches)
+            self._workspace = Workspace(self.num_features, conv_shape, groups, capacity, dtype, device, patches,
+                                        intercept)
         return self._workspace
 
     def _bank_for(self, position: int, conv: ConvSpec, dtype: torch.dtype, device) -> WindowBank:
@@ -289,10 +298,11 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         capacity = self._active_k() - 1
         shape = tuple(conv.weight.shape) if self.compensate else None
         groups = conv.groups if self.compensate else 1
+        intercept = self.compensate and intercept_of(conv)
         bank = self.window_at(position)
         if bank is None or not bank.matches(capacity, self.num_features, dtype, device, shape, groups,
-                                            self.second_order):
-            bank = WindowBank(capacity, self.num_features, dtype, device, shape, groups, self.second_order)
+                                            self.second_order, intercept):
+            bank = WindowBank(capacity, self.num_features, dtype, device, shape, groups, self.second_order, intercept)
             self._set_bank(position, bank)
         return bank
 
@@ -342,6 +352,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
             dtype, device = mu_t.dtype, mu_t.device
             params = (conv.weight, conv.bias) if conv is not None else self._last.conv_params
             groups = conv.groups if conv is not None else self._last.groups
+            intercept = intercept_of(conv) if conv is not None else self._last.intercept
             push = collect and conv is not None
             compensating = self.compensate and params is not None
             if use_window and self.compensate and params is None:
@@ -351,12 +362,13 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
                 groups = 1
             shape = tuple(params[0].shape) if compensating else None
             bank = self.window_at(position) if use_window and (compensating or not self.compensate) else None
+            intercept = intercept and compensating
             if bank is not None and not bank.matches(self._active_k() - 1, self.num_features, dtype, device, shape,
-                                                      groups, self.second_order):
+                                                      groups, self.second_order, intercept):
                 if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate
                     self._set_bank(position, None)
                 bank = None
-            ws = self._workspace_for(shape, groups, dtype, device)
+            ws = self._workspace_for(shape, groups, dtype, device, intercept)
             ws.set_count(x.numel() // x.shape[1])
             sv = ws.views
             kv = self._kernel_views(params[0], dtype, groups) if compensating else None
@@ -381,6 +393,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         bank.advance()
         self._last.conv_params = (conv.weight, conv.bias)
         self._last.groups = conv.groups
+        self._last.intercept = intercept_of(conv)
 
     def _kernel_views(self, kernel: Tensor, dtype: torch.dtype, groups: int) -> KernelViews:
         kv = self._last.kernel_views
@@ -395,7 +408,8 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         exact = bank.compensating and self.backward == 'exact' and (
             kernel.requires_grad or (conv_bias is not None and conv_bias.requires_grad))
         sv, bv = ws.views, bank.views
-        delta = compensate_bank(bv, kv if bank.compensating else None, conv_bias, mu_t, sv.inside if exact else None)
+        delta = compensate_bank(bv, kv if bank.compensating else None, conv_bias, mu_t, sv.inside if exact else None,
+                                sv.intercept)
         window_sums(bv, sv)
         # one decision for everything this forward computed (its entry, kernel gradients and sums included)
         ok = all_finite(*sv.fresh[with_gp, True])

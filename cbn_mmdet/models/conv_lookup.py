@@ -6,7 +6,7 @@ from torch import Tensor
 
 from ..ops import ConvSpec
 
-__all__ = ['in_backward', 'find_conv']
+__all__ = ['in_backward', 'find_conv', 'intercept_of']
 
 
 def in_backward() -> bool:
@@ -41,7 +41,8 @@ def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
         inp = fn._saved_input
         stride, padding, dilation, groups = (fn._saved_stride, fn._saved_padding, fn._saved_dilation,
                                              fn._saved_groups)
-        has_bias = fn._saved_bias_sym_sizes_opt is not None
+        bias_sizes = fn._saved_bias_sym_sizes_opt  # None or (0,) without a bias, (C,) with one
+        has_bias = bias_sizes is not None and len(bias_sizes) == 1 and int(bias_sizes[0]) > 0
     except (AttributeError, RuntimeError) as err:  # saved tensors freed, or a new torch layout
         return None, f'the convolution in its graph could not be read ({err})'
     if transposed or weight.dim() != 4:
@@ -50,4 +51,10 @@ def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
     if kernel is None or kernel.shape != weight.shape:
         kernel = weight  # frozen or derived kernel: the tensor the conv used is theta
     bias = _leaf_parameter(fn.next_functions[2][0]) if has_bias else None  # frozen bias: constant, no term
-    return ConvSpec(kernel, bias, inp, tuple(stride), tuple(padding), tuple(dilation), int(groups)), ''
+    return ConvSpec(kernel, bias, inp, tuple(stride), tuple(padding), tuple(dilation), int(groups), has_bias), ''
+
+
+def intercept_of(conv: ConvSpec) -> bool:
+    """Whether the convolution adds a bias whose value is not in its graph (a frozen or derived bias): the window's
+    mean then keeps an intercept per stored iteration, as the bias's value cannot be read."""
+    return conv.has_bias and conv.bias is None

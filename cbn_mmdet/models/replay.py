@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..ops import ConvSpec, HistoryGrad, batch_moments
 from ..ops.fused import all_finite, fill_entry
-from .conv_lookup import find_conv
+from .conv_lookup import find_conv, intercept_of
 
 __all__ = ['WindowStats', 'Replay', 'ReplayBook', 'CheckpointReplayMixin']
 
@@ -176,7 +176,7 @@ class CheckpointReplayMixin:
         dtype, device = mu_t.dtype, mu_t.device
         shape = tuple(conv.weight.shape) if self.compensate else None
         groups = conv.groups if self.compensate else 1
-        ws = self._workspace_for(shape, groups, dtype, device)
+        ws = self._workspace_for(shape, groups, dtype, device, self.compensate and intercept_of(conv))
         ws.set_count(x.numel() // x.shape[1])
         kv = self._kernel_views(conv.weight, dtype, groups) if self.compensate else None
         fill_entry(ws.views, kv, conv, x, mu_t, s_t, ws.consts, self.stat_grad_subsample)

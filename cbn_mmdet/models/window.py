@@ -9,7 +9,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..ops.fused import FIELDS, MU, ONE, M, R, S, BankViews, ScratchViews
+from ..ops.fused import FIELDS, MU, ONE, A, M, R, S, BankViews, ScratchViews
 
 __all__ = ['WindowBank', 'Workspace', 'WindowStateMixin', 'newest_entries', 'STATE_KEYS']
 
@@ -47,10 +47,11 @@ class Workspace(_HoldsViews):
     positions, which run one after another; nothing in it is saved for the backward."""
 
     def __init__(self, channels: int, kernel_shape: Optional[Sequence[int]], groups: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, patches: int = 0):
+                 dtype: torch.dtype, device: torch.device, patches: int = 0, intercept: bool = False):
         patches = patches if kernel_shape is not None else 0
+        self.intercept = intercept and kernel_shape is not None
         self.key = (channels, None if kernel_shape is None else tuple(kernel_shape), groups, capacity, dtype,
-                    torch.device(device), patches)
+                    torch.device(device), patches, self.intercept)
         c = channels
         d = 0 if kernel_shape is None else math.prod(kernel_shape[1:])
         rows = c + groups if kernel_shape is not None else 0
@@ -68,7 +69,13 @@ class Workspace(_HoldsViews):
         self._m: Optional[int] = None
 
     def _views(self) -> ScratchViews:
-        return ScratchViews(self.work, self.hbuf, *self._shape, zeros=getattr(self, 'zeros', None))
+        return ScratchViews(self.work, self.hbuf, *self._shape, zeros=self.zeros, intercept=self.intercept)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        # scratch pickled with another layout (before the finiteness product's zeros and the entry's constant rows)
+        # has no views: the layer drops it and makes a new one at its next forward
+        self.views = self._views() if {'zeros', 'consts', 'intercept'} <= set(state) else None
 
     def set_count(self, m: int) -> None:
         """The entry's count row (values per channel of the current input); written only when it changes."""
@@ -89,7 +96,7 @@ class Workspace(_HoldsViews):
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero, self.zeros, self.consts = (
             _move(t, fn) for t in (self.work, self.hbuf, self.zero, self.zeros, self.consts))
-        self.key = self.key[:5] + (self.work.device, ) + self.key[6:]
+        self.key = self.key[:5] + (self.work.device, ) + self.key[6:]  # (..., device, patches, intercept)
         self.views = self._views()
 
 
@@ -103,8 +110,12 @@ class WindowBank(_HoldsViews):
     """
 
     def __init__(self, capacity: int, channels: int, dtype: torch.dtype, device,
-                 kernel_shape: Optional[Sequence[int]] = None, groups: int = 1, patches: int = 0):
+                 kernel_shape: Optional[Sequence[int]] = None, groups: int = 1, patches: int = 0,
+                 intercept: Optional[bool] = False):
         self.capacity = capacity
+        # the conv's bias is not in its graph, so the slots keep the mean's intercept A; None (a bank loaded from a
+        # window state, which does not say) takes the flag of the first call that uses it
+        self.intercept = intercept
         self.channels = channels
         self.kernel_shape = None if kernel_shape is None else tuple(kernel_shape)
         self.groups = groups
@@ -120,10 +131,8 @@ class WindowBank(_HoldsViews):
         self.next = 0
 
     def _views(self) -> BankViews:
-        if 'flat' not in self.__dict__:  # pickled before the flat layout: stats and gp apart
-            gp = self.__dict__.get('gp')
-            rows = [] if gp is None else [gp.transpose(0, 1).reshape(gp.shape[1], -1)]
-            self.flat = torch.cat(rows + [self.stats.reshape(self.stats.shape[0], -1)], 1)
+        if 'flat' not in self.__dict__:  # pickled before the flat layout: stats (8 fields) and gp apart
+            self._from_separate(self.__dict__.get('gp'), self.stats)
         t, c = self.capacity, self.channels
         self.stats = self.flat[:, self.flat.shape[1] - FIELDS * c:].view(t, FIELDS, c)
         self.gp = None
@@ -138,6 +147,17 @@ class WindowBank(_HoldsViews):
         state.pop('gp', None)
         return state
 
+    def _from_separate(self, gp: Optional[Tensor], stats: Tensor) -> None:
+        """``flat`` from a bank pickled before the flat layout, whose ``stats`` had the 8 fields
+        ``A, R, S, MU, E, Q, ONE, M``; ``E`` and ``Q`` are scratch, rewritten at the next forward."""
+        t, _, c = stats.shape
+        new = stats.new_zeros(t, FIELDS, c)
+        for field, old in ((A, 0), (R, 1), (S, 2), (MU, 3), (ONE, 6), (M, 7)):
+            new[:, field] = stats[:, old]
+        rows = [] if gp is None else [gp.transpose(0, 1).reshape(t, -1)]
+        self.flat = torch.cat(rows + [new.reshape(t, -1)], 1)
+        self.__dict__.setdefault('intercept', None)
+
     @property
     def compensating(self) -> bool:
         return self.gp is not None
@@ -151,12 +171,18 @@ class WindowBank(_HoldsViews):
         return self.stats.device
 
     def matches(self, capacity: int, channels: int, dtype: torch.dtype, device,
-                kernel_shape: Optional[Sequence[int]], groups: int, patches: int = 0) -> bool:
-        """Whether an iteration of this shape fits (otherwise the window starts afresh)."""
-        return (self.capacity == capacity and self.channels == channels and self.dtype == dtype
+                kernel_shape: Optional[Sequence[int]], groups: int, patches: int = 0,
+                intercept: bool = False) -> bool:
+        """Whether an iteration of this shape fits (otherwise the window starts afresh). A bank loaded from a
+        window state takes ``intercept`` from the first call it fits."""
+        fits = (self.capacity == capacity and self.channels == channels and self.dtype == dtype
                 and self.device == torch.device(device) and self.kernel_shape == (
                     None if kernel_shape is None else tuple(kernel_shape)) and self.groups == groups
-                and self.patches == (patches if kernel_shape is not None else 0))
+                and self.patches == (patches if kernel_shape is not None else 0)
+                and self.intercept in (None, intercept and kernel_shape is not None))
+        if fits and self.intercept is None:
+            self.intercept = intercept and kernel_shape is not None
+        return fits
 
     def advance(self) -> None:
         self.next = (self.next + 1) % self.capacity
@@ -186,11 +212,11 @@ class WindowBank(_HoldsViews):
             c, g = self.channels, self.groups
             k = self.kernel_shape
             gp = self.gp[:, :rows].transpose(0, 1)  # (T, C + g, D)
-            # the mean has no intercept (mu_tau(theta) = <P, W> + b exactly): a_mu is 0 and p_mu = <P, W_tau> + b_tau
-            # the measured mean
+            # the mean's intercept A is 0 but for a conv whose bias is not in its graph (mu_tau(theta) = <P, W> + b
+            # exactly): p_mu = mu - A is <P, W_tau> + b_tau
             out.update(g_mu=gp[:, c:].reshape(rows, g, *k[1:]), g_s=gp[:, :c].reshape(rows, *k),
-                       p_mu=st[:, MU].clone(), p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
-                       a_mu=torch.zeros_like(st[:, MU]), a_s=st[:, R].clone())
+                       p_mu=st[:, MU] - st[:, A], p_s=st[:, S] - st[:, R], bias=torch.zeros_like(st[:, MU]),
+                       a_mu=st[:, A].clone(), a_s=st[:, R].clone())
             if self.qs is not None:
                 out['q'] = self.qs[:, :rows].transpose(0, 1).clone()  # (T, g, r, D + C/g)
         return out
@@ -221,7 +247,7 @@ class WindowBank(_HoldsViews):
         kernel_shape = groups = None
         if t.get('g_s') is not None:
             kernel_shape, groups = tuple(t['g_s'].shape[1:]), t['g_mu'].shape[1]
-        bank = cls(capacity, channels, dtype, device, kernel_shape, groups or 1, patches)
+        bank = cls(capacity, channels, dtype, device, kernel_shape, groups or 1, patches, intercept=None)
         st = bank.stats
         st[:, MU] = t['mu']
         st[:, S] = t['s']
@@ -230,9 +256,14 @@ class WindowBank(_HoldsViews):
         w = t['w'] if t.get('w') is not None else (torch.arange(capacity) < int(state['count'])).to(dtype)
         st[:, ONE] = w.to(dtype)[:, None]
         if kernel_shape is not None:
-            # R = s - <G, W_tau>, stored since the bank existed ('a_s'), else from the recorded product; the mean's
-            # intercept ('a_mu', or mu - p_mu - bias before) is not needed: rounding aside it is 0 (Euler)
-            st[:, R] = t['a_s'] if t.get('a_s') is not None else t['s'] - t['p_s']
+            # the intercepts, stored since the bank existed ('a_mu', 'a_s'), else from the recorded products; A is
+            # read only for a conv whose bias is not in its graph (for the others it is 0 up to rounding: Euler)
+            if t.get('a_mu') is not None:
+                st[:, A], st[:, R] = t['a_mu'], t['a_s']
+            else:
+                bias = t['bias'] if t.get('bias') is not None else 0
+                st[:, A] = t['mu'] - t['p_mu'] - bias
+                st[:, R] = t['s'] - t['p_s']
             c = channels
             bank.gp[:c] = t['g_s'].reshape(capacity, c, -1).transpose(0, 1).to(device)
             bank.gp[c:] = t['g_mu'].reshape(capacity, groups, -1).transpose(0, 1).to(device)

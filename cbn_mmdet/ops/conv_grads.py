@@ -29,6 +29,8 @@ class ConvSpec(NamedTuple):
     padding: Sequence[int]
     dilation: Sequence[int]
     groups: int
+    # the convolution adds a bias; with ``bias`` None it is one whose value is not in the graph (frozen or derived)
+    has_bias: bool = False
 
 
 class StatGrads(NamedTuple):
@@ -83,11 +85,12 @@ def _tap_matrix(size: int, out: int, k: int, stride: int, padding: int, dilation
 
 
 # the patch-sum matrix R (x) C of a map is cached when it has at most this many elements (4 MiB in fp32): 3x3
-# convolutions of maps up to ~340x340; larger maps take the two small products of _mean_patch instead
+# convolutions of maps up to ~340x340; larger maps take the two small products of _mean_patch instead. 16 of them
+# at most (64 MiB in fp32): a detector sees a handful of map sizes per batch shape; a miss costs a few host ops
 KRON_MAX = 1 << 20
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=16)
 def _patch_sum_matrix(h: int, out_h: int, kh: int, stride_h: int, pad_h: int, dil_h: int, w: int, out_w: int, kw: int,
                       stride_w: int, pad_w: int, dil_w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """(H * W, kh * kw): entry ``[(r, c), (a, b)]`` is 1 when input pixel ``(r, c)`` is read by kernel tap ``(a, b)``

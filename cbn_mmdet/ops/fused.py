@@ -12,7 +12,9 @@ Layout of a bank with ``T = k - 1`` stored iterations (:class:`cbn_mmdet.models.
 
   - ``R = s - <G, W_tau>``: the centred moment's intercept, so that ``s_tau(theta_t) = R + <G, W_t> - dmu^2``
     (Eq. 8). The mean needs none: it is linear in the kernel, ``mu_tau(theta_t) = <P, W_t> + b_t`` exactly (Eq. 7;
-    Euler's identity ``<P, W_tau> + b_tau = mu_tau``, so no intercept is stored);
+    Euler's identity ``<P, W_tau> + b_tau = mu_tau``), except for a conv whose bias is not in the graph (frozen or
+    derived: its value is unknown), where ``A = mu - <P, W_tau>`` holds it and ``mu_tau(theta_t) = A + <P, W_t>``;
+    ``A`` is 0 for every other conv;
   - ``MU = mu`` and ``S = s`` as measured;
   - ``E`` and ``Q``, scratch of each forward: ``mu_c - mu_t`` (the compensated mean, shifted by the current one),
     and ``s_c + (mu_c - mu_t)^2``. Naive CBN's ``mu_c`` is ``mu`` (its mean is not moved);
@@ -45,12 +47,12 @@ from torch import Tensor
 from .conv_grads import ConvSpec, conv_stat_grads, sample_patches
 from .normalize import HistoryGrad
 
-__all__ = ['FIELDS', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
+__all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
            'fill_entry', 'compensate_bank', 'window_sums', 'finish_mean', 'all_finite', 'history_terms',
            'store_entry', 'running_update', 'lerp_pair']
 
-R, E, Q, ONE, M, E2, Q2, ONE2, M2, MU, S, ONE3, M3 = range(13)
-FIELDS = 13
+A, R, E, Q, ONE, M, E2, Q2, ONE2, M2, MU, S, ONE3, M3 = range(14)
+FIELDS = 14
 
 
 class BankViews:
@@ -63,7 +65,7 @@ class BankViews:
                  flat: Optional[Tensor] = None):
         t, _, c = stats.shape
         self.stats, self.gp, self.groups, self.qs = stats, gp, groups, qs
-        self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (R, S, MU, E, Q))
+        self.a, self.r, self.s, self.mu, self.e, self.q = (stats[:, f] for f in (A, R, S, MU, E, Q))
         self.weights = stats[:, ONE, :1].t()  # (1, T)
         self.w_col = stats[:, ONE, :1]  # (T, 1)
         self.tail = stats[:, E:M + 1].reshape(t, -1)  # (T, 4C): E, Q, ONE, M
@@ -88,8 +90,9 @@ class ScratchViews:
     copies into a bank slot."""
 
     def __init__(self, work: Tensor, hbuf: Tensor, channels: int, groups: int, d: int, patches: int = 0,
-                 zeros: Optional[Tensor] = None):
+                 zeros: Optional[Tensor] = None, intercept: bool = False):
         c = channels
+        self.intercept = intercept  # the conv's bias is not in its graph: the mean keeps its intercept A
         rows = (c + groups) if d else 0
         qsize = groups * patches * (d + c // groups) if rows else 0
         g = rows * d + qsize
@@ -103,8 +106,10 @@ class ScratchViews:
         self.slot_entry = work[qsize:g + FIELDS * c]
         self.sums = work[g + FIELDS * c:].view(4, c)
         self.entry_r3 = self.entry[R].view(c, 1, 1)
-        self.entry_fields = self.entry[Q:]  # all but R and E: what fill_entry's one op writes
-        self.fallback = self.entry[MU:]  # (mu_t, s_t, 1, m): the batch's own, as the sums' rows
+        self.entry_a = self.entry[A:A + 1]  # (1, C)
+        self.entry_a_g = self.entry[A].view(groups, 1, c // groups)
+        self.entry_fields = self.entry[Q:M3 + 1]  # all but A, R and E: what fill_entry's one op writes
+        self.fallback = self.entry[MU:M3 + 1]  # (mu_t, s_t, 1, m): the batch's own, as the sums' rows
         self.entry_tail = self.entry[E2:M2 + 1].reshape(1, -1)  # (0, s_t, 1, m - 1), the sums' addend
         self.sums_row = self.sums.view(1, -1)
         self.sums_moments = self.sums[:2]
@@ -152,13 +157,19 @@ def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvS
                s_t: Tensor, consts: Tensor, subsample: int = 1) -> None:
     """Write the current iteration into the scratch entry: its fields (one op, with ``consts`` (4, C), the rows
     ``[1, m, m - 1, 0]`` of :class:`cbn_mmdet.models.window.Workspace`), and with ``kv`` (a push with
-    compensation) its kernel gradients (Appendix B: the floor's one weight-gradient) and the intercept ``R``; with a
+    compensation) its kernel gradients (Appendix B: the floor's one weight-gradient) and the intercept ``R`` (and
+    ``A`` for a conv whose bias is not in its graph, ``sv.intercept``); with a
     second-order scratch (``sv.q_entry``) also ``r`` centred input patches ``X' = P - x_i`` (negated, which saves an
     op and changes no square) and their outputs ``Y' = W_tau X'``.
     """
     if kv is not None:
         groups = conv.groups
         conv_stat_grads(conv, x, mu_t, subsample, out=sv.gp_entry)
+        if sv.intercept:  # A = mu - <P, W>: the unknown bias, and the conv's rounding            (Eq. 7 at tau)
+            if groups == 1:
+                torch.addmm(mu_t.view(1, -1), sv.p_entry, kv.wt, alpha=-1, out=sv.entry_a)
+            else:
+                torch.baddbmm(mu_t.view(groups, 1, -1), sv.p_entry3, kv.wg_t, alpha=-1, out=sv.entry_a_g)
         # R = s - <G_j, W_j>: C dot products in one batched product                              (Eq. 8 at tau)
         torch.baddbmm(s_t.view(-1, 1, 1), sv.g_entry3, kv.w3, alpha=-1, out=sv.entry_r3)
         if sv.q_entry is not None:
@@ -174,7 +185,7 @@ def fill_entry(sv: ScratchViews, kv: Optional[KernelViews], conv: Optional[ConvS
 
 
 def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optional[Tensor], mu_t: Tensor,
-                    inside: Optional[Tensor] = None) -> Optional[Tensor]:
+                    inside: Optional[Tensor] = None, intercept: bool = False) -> Optional[Tensor]:
     """Move every stored iteration to the current kernel (Eq. 7-8, 10) and fill the scratch fields ``E``, ``Q``.
 
     Without ``kv`` (Naive CBN) nothing is moved: ``E = mu - mu_t``. With it, ``E = <P, W_t> + b_t - mu_t``, the
@@ -184,7 +195,7 @@ def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optiona
     second order instead: ``s_tau(theta_t) = max(R + <G, W_t> + mean_i ((W_t - W_tau) . (P - x_i))^2, 0)``, exact for
     a convolution when the ``r`` stored patches are all of iteration tau's (``s`` is quadratic in the kernel); its
     last term is ``e = W_t X'^T - Y'`` squared and averaged. ``inside`` (T, C), if given, gets Eq. 10's clamp mask as
-    0/1 (the exact backward's).
+    0/1 (the exact backward's). ``intercept``: the conv's bias is not in its graph; ``A`` is added to the mean.
 
     Returns:
         Tensor | None: ``dmu`` (T, C); ``e`` (g, C/g, Tr) for a second-order bank; None for Naive CBN.
@@ -202,6 +213,8 @@ def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optiona
         dev.sub_(mu_t)
     if bias is not None:
         dev.add_(bias)
+    if intercept:
+        dev.add_(bv.a)
     # R + <G_tau,j, W_t,j>: one batched product over the channels                             (Eq. 8)
     s_c = torch.baddbmm(bv.r_col, bv.g_rows, kv.w3)  # (C, T, 1)
     if bv.qs is None:
@@ -210,7 +223,9 @@ def compensate_bank(bv: BankViews, kv: Optional[KernelViews], conv_bias: Optiona
             delta = torch.addmm(bv.mu, bv.p_rows[0], kv.wt, beta=-1)
             if bias is not None:
                 delta.add_(bias)
-        else:  # from E, which holds the bias already
+            if intercept:
+                delta.add_(bv.a)
+        else:  # from E, which holds the bias (or the intercept) already
             delta = (dev + mu_t).sub_(bv.mu)
         s_c = torch.addcmul(s_c, delta, delta, value=-1)  # nu_tau(t) - mu_tau(t)^2
     else:  # + (W_t - W_tau)' C_tau (W_t - W_tau), C_tau from the slot's r patches: e e^T / r per (channel, tau)

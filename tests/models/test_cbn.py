@@ -3,6 +3,7 @@
 The comparison with the independent reference is in test_cbn_reference.py; numerics (precision, autocast, memory
 formats, host syncs) are in test_cbn_numerics.py."""
 import copy
+import os.path as osp
 import pickle
 import warnings
 
@@ -477,6 +478,72 @@ def test_window_state_written_before_the_bank_loads():
     # R = s - p_s is recomputed from two stored values (the mean needs no intercept): a few fp32 roundings
     # (u = 6e-8) of values of size <= ~10, against outputs of size ~3
     torch.testing.assert_close(fresh(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('bias', ['frozen', 'derived', 'trainable', 'none'])
+@pytest.mark.parametrize('groups', [1, 2])
+def test_a_bias_outside_the_graph_keeps_the_window_mean_exact(bias, groups):
+    """The compensated mean is <P, W_t> + b_t; a conv bias that is not in the graph (frozen, or computed from another
+    tensor) has no readable value, and the window keeps the mean's intercept for it instead. Same input and kernel
+    at every iteration: every stored iteration equals the current one, so the window is the batch (BN), exactly."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1, groups=groups, bias=bias != 'none')
+    scale = nn.Parameter(torch.tensor(2.0))
+    if bias != 'none':
+        with torch.no_grad():
+            conv.bias.fill_(5.0)  # a bias far from 0: missing it would move the window mean by (k-1)/k * 5
+        conv.bias.requires_grad_(bias == 'trainable')
+    layer = CBN(4, window_size=4)
+    u = torch.randn(2, 4, 8, 8)
+    for _ in range(5):
+        b = None if bias == 'none' else (conv.bias * scale / 2 if bias == 'derived' else conv.bias)
+        x = F.conv2d(u, conv.weight, b, padding=1, groups=groups)
+        y = layer(x)
+        y.square().sum().backward()
+    st = layer.last_call.stats
+    assert int(st.n_iters) == 4
+    # fp32 roundings of the conv and of <P, W> (u = 6e-8) on means of size ~5 and spreads of ~1: far below 1e-4
+    torch.testing.assert_close(st.mu_bar, x.detach().mean((0, 2, 3)), rtol=0, atol=1e-4)
+    ref = F.batch_norm(x.detach(), None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_low_precision_conv_moves_the_window_mean_by_its_own_rounding_only():
+    """The compensated mean is <P, W_t> + b_t in fp32, while a bf16 conv (autocast) rounds W_t and its outputs. Same
+    input and kernel at every iteration: the window mean may then differ from the batch's by that rounding only,
+    |<P, W - bf16(W)>| + |mean(x) - mean(bf16 x)| <= u (<|P|, |W|> + mean|x|), u = 2^-8 (bf16's unit roundoff,
+    rounding to nearest; the conv accumulates in fp32). A missing term (a wrong bias, patch or kernel) is O(1)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    layer = CBN(4, window_size=4)
+    u = torch.randn(2, 3, 8, 8) + 2  # |mu| well above sigma: the rounding's share grows with it
+    for _ in range(5):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            x = conv(u)
+            y = layer(x)
+        y.float().square().sum().backward()
+    st = layer.last_call.stats
+    assert int(st.n_iters) == 4 and x.dtype == torch.bfloat16
+    patch = F.unfold(u.bfloat16().float(), 3, padding=1).mean((0, 2))  # the mean input patch the conv saw
+    w = conv.weight.detach().reshape(4, -1)
+    bound = 2 ** -8 * (w.abs() @ patch.abs() + x.detach().float().abs().mean((0, 2, 3)))
+    err = (st.mu_bar - x.detach().float().mean((0, 2, 3))).abs()
+    assert (err <= bound).all() and err.max() > 0, (err, bound)
+
+
+def test_a_layer_pickled_before_the_flat_bank_loads_and_trains_on():
+    """A whole module pickled (torch.save) by the layer of 64b83cd, whose bank kept 8 fields apart from its
+    gradients and whose scratch had another layout, loads and continues exactly as that layer did: the fixture holds
+    the next output and window mean the old code computed."""
+    path = osp.join(osp.dirname(__file__), 'fixtures', 'cbn_layer_pickled_at_64b83cd.pt')
+    saved = torch.load(path, weights_only=False)
+    layer, conv = saved['cbn'], saved['conv']
+    y = layer(conv(saved['u']))
+    # the old code's fp32 result through other ops (intercept-free mean, one product per field): a few roundings
+    # (u = 6e-8) of values of size <= ~3
+    torch.testing.assert_close(layer.last_call.stats.mu_bar, saved['mu_bar'], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.detach(), saved['y'], rtol=1e-5, atol=1e-5)
+    assert layer.window_length == 2 and packed_running(layer) is not None
 
 
 def test_a_loaded_slot_of_weight_zero_holds_no_gradients():
