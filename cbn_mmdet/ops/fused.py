@@ -270,13 +270,15 @@ def all_finite(t: Tensor, zeros: Optional[Tensor] = None) -> Tensor:
 
 def history_terms(bv: BankViews, sv: ScratchViews, delta: Tensor, has_bias: bool) -> HistoryGrad:
     """The exact backward's terms (:func:`cbn_mmdet.ops.compensation.history_grad`) from the bank, ``n`` times
-    them (as :class:`HistoryGrad` is passed to the normalize op), in five ops (two more for a second-order bank,
-    whose ``delta`` is :func:`compensate_bank`'s ``e``).
+    them (as :class:`HistoryGrad` is passed to the normalize op), in four ops (one more with a conv bias, two more
+    for a second-order bank, whose ``delta`` is :func:`compensate_bank`'s ``e``). Call it between
+    :func:`window_sums` and :func:`finish_mean`: it reads the sums' first row as ``mu_bar - mu_t``.
 
     With ``[inside]`` Eq. 10's clamp mask (written into ``hbuf[:, :C]`` by :func:`compensate_bank`) and
     ``u = mu_c - [inside] dmu - mu_bar``: ``mean_patch = sum w P``, ``var_kernel = 2 sum w u P + sum w [inside] G``,
     ``mean_bias = sum w``, ``var_bias = 2 sum w u``. ``hbuf`` is (T, 2C + 1) with its last column 1, so that one
-    product by ``w`` gives all three coefficient blocks and one matrix product both patch sums. A second-order
+    matrix product gives both patch sums; the weights ``w`` (0 or 1) need no product there, as a slot of weight 0
+    holds zero P and G (only the bias terms, which have no P, take them). A second-order
     bank's ``s_tau(theta_t)`` does not depend on ``mu_tau(theta_t)``: ``u = mu_c - mu_bar``, and its last term adds
     ``(2/r) sum w [inside] sum_i e_i X'_i`` to ``var_kernel``.
     """
