@@ -285,12 +285,9 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
 
     def _workspace_for(self, conv_shape, groups: int, dtype: torch.dtype, device, intercept: bool = False) -> Workspace:
         capacity = self._active_k() - 1
-        patches = self.second_order if conv_shape is not None else 0
-        key = (self.num_features, None if conv_shape is None else tuple(conv_shape), groups, capacity, dtype,
-               torch.device(device), patches, intercept and conv_shape is not None)
-        if self._workspace is None or self._workspace.key != key:
-            self._workspace = Workspace(self.num_features, conv_shape, groups, capacity, dtype, device, patches,
-                                        intercept)
+        args = (self.num_features, conv_shape, groups, capacity, dtype, device, self.second_order, intercept)
+        if self._workspace is None or self._workspace.key != Workspace.key_of(*args):
+            self._workspace = Workspace(*args)
         return self._workspace
 
     def _bank_for(self, position: int, conv: ConvSpec, dtype: torch.dtype, device) -> WindowBank:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from ..ops.fused import all_finite, lerp_pair
+from ..ops.fused import all_finite, ema_step
 
 __all__ = ['pack_running', 'packed_running', 'running_factor', 'batch_update']
 
@@ -60,11 +60,5 @@ def batch_update(module: Module, mu: Tensor, s: Tensor, m: int) -> None:
     channel (the variance unbiased by ``m / (m - 1)``), skipped where they are not finite (decided on the device)."""
     new = torch.stack([mu, s * (m / max(m - 1, 1))])
     ok = all_finite(new)
-    mean, var = module.running_mean, module.running_var
-    factor = running_factor(module, ok, mean.dtype)
-    new = new if new.dtype == mean.dtype else new.to(mean.dtype)
-    packed = packed_running(module)
-    if packed is not None:
-        packed.lerp_(torch.where(ok, new, packed), factor)
-    else:
-        lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)
+    ema_step(module.running_mean, module.running_var, new, ok, running_factor(module, ok, module.running_mean.dtype),
+             packed_running(module))

@@ -50,8 +50,7 @@ class Workspace(_HoldsViews):
                  dtype: torch.dtype, device: torch.device, patches: int = 0, intercept: bool = False):
         patches = patches if kernel_shape is not None else 0
         self.intercept = intercept and kernel_shape is not None
-        self.key = (channels, None if kernel_shape is None else tuple(kernel_shape), groups, capacity, dtype,
-                    torch.device(device), patches, self.intercept)
+        self.key = self.key_of(channels, kernel_shape, groups, capacity, dtype, device, patches, intercept)
         c = channels
         d = 0 if kernel_shape is None else math.prod(kernel_shape[1:])
         rows = c + groups if kernel_shape is not None else 0
@@ -67,6 +66,14 @@ class Workspace(_HoldsViews):
         self.consts = torch.zeros(4, c, dtype=dtype, device=device)
         self.consts[0] = 1
         self._m: Optional[int] = None
+
+    @staticmethod
+    def key_of(channels: int, kernel_shape: Optional[Sequence[int]], groups: int, capacity: int, dtype: torch.dtype,
+               device, patches: int = 0, intercept: bool = False) -> tuple:
+        """What a workspace is made for: a layer makes a new one when its call needs another."""
+        has_kernel = kernel_shape is not None
+        return (channels, tuple(kernel_shape) if has_kernel else None, groups, capacity, dtype, torch.device(device),
+                patches if has_kernel else 0, intercept and has_kernel)
 
     def _views(self) -> ScratchViews:
         return ScratchViews(self.work, self.hbuf, *self._shape, zeros=self.zeros, intercept=self.intercept)
@@ -96,7 +103,7 @@ class Workspace(_HoldsViews):
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         self.work, self.hbuf, self.zero, self.zeros, self.consts = (
             _move(t, fn) for t in (self.work, self.hbuf, self.zero, self.zeros, self.consts))
-        self.key = self.key[:5] + (self.work.device, ) + self.key[6:]  # (..., device, patches, intercept)
+        self.key = self.key[:5] + (self.work.device, ) + self.key[6:]  # the device follows the move
         self.views = self._views()
 
 

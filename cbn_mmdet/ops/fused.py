@@ -49,7 +49,7 @@ from .normalize import HistoryGrad
 
 __all__ = ['FIELDS', 'A', 'R', 'S', 'MU', 'E', 'Q', 'ONE', 'M', 'BankViews', 'ScratchViews', 'KernelViews',
            'fill_entry', 'compensate_bank', 'window_sums', 'finish_mean', 'all_finite', 'history_terms',
-           'store_entry', 'running_update', 'lerp_pair']
+           'store_entry', 'running_update', 'ema_step', 'lerp_pair']
 
 A, R, E, Q, ONE, M, E2, Q2, ONE2, M2, MU, S, ONE3, M3 = range(14)
 FIELDS = 14
@@ -332,16 +332,21 @@ def running_update(mean: Tensor, var: Tensor, sv: ScratchViews, ok: Tensor, fact
     (:func:`cbn_mmdet.models.running.packed_running`): then the step is one select and one lerp."""
     m_less = sv.m_less
     sv.var_bar.addcdiv_(sv.var_bar, m_less.clamp_(min=1) if single else m_less)  # var * (1 + 1/(M - 1))
-    if packed is not None and packed.dtype == sv.sums.dtype:
-        new = torch.where(ok, sv.sums[:2], packed)  # mu_bar and the unbiased var_bar, adjacent rows of the sums
-        packed.lerp_(new, factor)  # a float or a device factor alike
-        return
-    if mean.dtype != sv.mean_row.dtype:  # a .half() module: its running statistics follow the cast, as BN's do
-        new = [torch.where(ok, sv.mean_row, mean).to(mean.dtype), torch.where(ok, sv.var_bar, var).to(var.dtype)]
+    ema_step(mean, var, sv.sums[:2], ok, factor, packed)  # mu_bar and the unbiased var_bar: adjacent sums rows
+
+
+def ema_step(mean: Tensor, var: Tensor, new: Tensor, ok: Tensor, factor, packed: Optional[Tensor] = None) -> None:
+    """``buf += factor * (new - buf)`` for the running mean and variance, where ``ok`` (decided on the device; no
+    NaN of ``new`` reaches them). ``new`` (2, C): the mean and variance rows, in any float dtype (a ``.half()``
+    module's running statistics follow the cast, as BN's do). ``packed``: the (2, C) tensor whose rows are ``mean``
+    and ``var`` (:func:`cbn_mmdet.models.running.packed_running`): then the step is one select and one lerp."""
+    if new.dtype != mean.dtype:
+        new = new.to(mean.dtype)
         factor = factor.to(mean.dtype) if isinstance(factor, Tensor) else factor
+    if packed is not None:
+        packed.lerp_(torch.where(ok, new, packed), factor)  # a float or a device factor alike
     else:
-        new = [torch.where(ok, sv.mean_row, mean), torch.where(ok, sv.var_bar, var)]
-    lerp_pair(mean, var, new, factor)
+        lerp_pair(mean, var, (torch.where(ok, new[0], mean), torch.where(ok, new[1], var)), factor)
 
 
 def lerp_pair(mean: Tensor, var: Tensor, new, factor) -> None:
