@@ -46,6 +46,13 @@ def config_uses_cbn(cfg) -> bool:
     return False
 
 
+def compiles(cfg) -> bool:
+    """Whether mmengine's Runner compiles ``train_step`` under this config (``compile=True`` or a dict of
+    ``torch.compile`` options without ``disable=True``)."""
+    option = cfg.get('compile')
+    return option is True or (isinstance(option, dict) and not option.get('disable', False))
+
+
 class CBNBurnInHook(Hook):
     """Burn-in for Cross-Iteration BN (paper Sec. 3.3): k=1 first, then each layer's window.
 
@@ -115,6 +122,11 @@ class CBNBurnInHook(Hook):
         if not layers:
             runner.logger.warning('CBNBurnInHook: the model has no CBN layer; the hook does nothing.')
             return
+        if compiles(cfg):
+            raise ValueError(f"CBNBurnInHook: the config sets compile={cfg.get('compile')!r} and the model has "
+                             f'{len(layers)} CBN layers; torch.compile hides every convolution from them (their '
+                             'inputs come out of compiled graphs), so each would act as plain BatchNorm. Remove '
+                             'compile from the config.')
         for name, layer in layers.items():
             layer.module_path = name
             if self.window_size is not None:

@@ -30,6 +30,12 @@ __all__ = ['CrossIterationBatchNorm2d']
 _NULL = contextlib.nullcontext()
 
 
+@torch.compiler.disable
+def _eager_forward(layer: 'CrossIterationBatchNorm2d', x: Tensor) -> Tensor:
+    """A training call under ``torch.compile``, run eagerly (dynamo does not trace it)."""
+    return layer._forward(x)
+
+
 class _Last:
     """The kernel and bias of the convolution whose iteration was pushed last, its groups, and the kernel's views."""
 
@@ -306,6 +312,13 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
+        if torch.compiler.is_compiling() and (self.training or x.numel() == 0):
+            # torch.compile: a training call runs eagerly, outside the graph (graph break). Its window state is
+            # Python state that changes every iteration; traced, it would be baked into the graph as constants.
+            return _eager_forward(self, x)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:
             return self._empty_forward(x)
         if not self.training:

@@ -34,6 +34,9 @@ def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
     fn = x.grad_fn
     if fn is None:
         return None, 'its input has no autograd graph'
+    if type(fn).__name__ == 'CompiledFunctionBackward':
+        return None, ('its input comes out of a torch.compile graph, which hides the convolution (run the model '
+                      'eagerly; in an mmengine config, remove compile)')
     if type(fn).__name__ != 'ConvolutionBackward0':
         return None, f'its input was produced by {type(fn).__name__}, not by a convolution'
     try:

@@ -140,6 +140,18 @@ def test_sync_bn_with_cbn_raises(tmp_path):
         runner.train()
 
 
+@pytest.mark.parametrize('option, refused', [(True, True), (dict(mode='default'), True), (dict(), True),
+                                               (dict(disable=True), False), (False, False)])
+def test_compile_with_cbn_raises(tmp_path, option, refused):
+    runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=0), max_iters=1)
+    runner.cfg['compile'] = option
+    if refused:  # mmengine would compile train_step: every CBN layer would act as BN
+        with pytest.raises(ValueError, match=r'compile=.* and the model has 2 CBN layers'):
+            runner.call_hook('before_run')
+    else:
+        runner.call_hook('before_run')
+
+
 def test_config_uses_cbn():
     assert config_uses_cbn(dict(a=[dict(norm_cfg=dict(type='CBN'))]))
     assert not config_uses_cbn(dict(a=[dict(norm_cfg=dict(type='BN'))]))
