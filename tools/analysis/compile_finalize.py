@@ -7,7 +7,8 @@ which ``torch.compile`` does not take whole; this study times a functional stand
 elementwise steps (25 of the layer's 40 extra ops) at the launch case's shape, eager and compiled
 (``fullgraph=True, dynamic=False``), and writes what it saw:
 
-    python tools/analysis/compile_finalize.py --out work_dirs/compile_finalize/compile_finalize.json [--no-compile]
+    python tools/analysis/compile_finalize.py --out work_dirs/compile_finalize/compile_finalize.json \
+        [--no-compile | --cpp-wrapper]
 
 It measures; it does not check the stand-in's numbers against the layer (the layer's tests do that for the layer).
 """
@@ -70,6 +71,8 @@ def main(argv=None):
     parser.add_argument('--out', default='work_dirs/compile_finalize/compile_finalize.json')
     parser.add_argument('--calls', type=int, default=3000, help='timed calls per variant')
     parser.add_argument('--no-compile', action='store_true', help='time the eager stand-in only')
+    parser.add_argument('--cpp-wrapper', action='store_true',
+                        help="also time it compiled with inductor's C++ wrapper (cpp_wrapper=True)")
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error(f'--calls must be >= 1, got {args.calls}')
@@ -86,6 +89,17 @@ def main(argv=None):
         # (u = 6e-8) of sums of <= 4 terms of size ~1-10
         for mine, eager in zip(compiled(**x), finalize(**x)):
             torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+        if args.cpp_wrapper:  # inductor's C++ wrapper: the compiled call without its Python launcher
+            import torch._inductor.config as inductor_config
+            torch._dynamo.reset()
+            with inductor_config.patch(cpp_wrapper=True):
+                start = time.perf_counter()
+                compiled = torch.compile(finalize, fullgraph=True, dynamic=False)
+                compiled(**x)
+                out['compile_cpp_wrapper_s'] = time.perf_counter() - start
+                out['compiled_cpp_wrapper_us'] = time_us(compiled, x, args.calls)
+                for mine, eager in zip(compiled(**x), finalize(**x)):
+                    torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
     print(json.dumps(out, indent=1))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
