@@ -66,6 +66,20 @@ def time_us(fn, args, n: int, warmup: int = 200) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
+def time_compiled(x: dict, calls: int):
+    """Seconds to compile the stand-in (the first call) and microseconds per compiled call; checks its results."""
+    start = time.perf_counter()
+    compiled = torch.compile(finalize, fullgraph=True, dynamic=False)
+    compiled(**x)
+    compile_s = time.perf_counter() - start
+    us = time_us(compiled, x, calls)
+    # the same function either way; compiled kernels may sum in another order: a few fp32 roundings
+    # (u = 6e-8) of sums of <= 4 terms of size ~1-10
+    for mine, eager in zip(compiled(**x), finalize(**x)):
+        torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+    return compile_s, us
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out', default='work_dirs/compile_finalize/compile_finalize.json')
@@ -80,26 +94,12 @@ def main(argv=None):
     x = inputs(SHAPE['T'], SHAPE['C'], SHAPE['D'])
     out = dict(torch=torch.__version__, shape=SHAPE, calls=args.calls, eager_us=time_us(finalize, x, args.calls))
     if not args.no_compile:
-        start = time.perf_counter()
-        compiled = torch.compile(finalize, fullgraph=True, dynamic=False)
-        compiled(**x)
-        out['compile_s'] = time.perf_counter() - start
-        out['compiled_us'] = time_us(compiled, x, args.calls)
-        # the same function either way; compiled kernels may sum in another order: a few fp32 roundings
-        # (u = 6e-8) of sums of <= 4 terms of size ~1-10
-        for mine, eager in zip(compiled(**x), finalize(**x)):
-            torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+        out['compile_s'], out['compiled_us'] = time_compiled(x, args.calls)
         if args.cpp_wrapper:  # inductor's C++ wrapper: the compiled call without its Python launcher
             import torch._inductor.config as inductor_config
             torch._dynamo.reset()
             with inductor_config.patch(cpp_wrapper=True):
-                start = time.perf_counter()
-                compiled = torch.compile(finalize, fullgraph=True, dynamic=False)
-                compiled(**x)
-                out['compile_cpp_wrapper_s'] = time.perf_counter() - start
-                out['compiled_cpp_wrapper_us'] = time_us(compiled, x, args.calls)
-                for mine, eager in zip(compiled(**x), finalize(**x)):
-                    torch.testing.assert_close(mine, eager, rtol=1e-5, atol=1e-5)
+                out['compile_cpp_wrapper_s'], out['compiled_cpp_wrapper_us'] = time_compiled(x, args.calls)
     print(json.dumps(out, indent=1))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
