@@ -27,6 +27,14 @@ CONV_VARIANTS = {
     # every geometric argument different along the two axes (the maps are non-square too)
     'nonsquare': dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
 }
+# what only a whole layer meets: padding done before the convolution op (reflect, circular, and the asymmetric
+# 'same' of an even kernel: the op gets the padded input and no padding), and groups of one input channel
+MODULE_CONV_VARIANTS = {
+    'reflect_s2': dict(kernel_size=3, padding=1, padding_mode='reflect', stride=2),
+    'circular': dict(kernel_size=3, padding=1, padding_mode='circular'),
+    'same_even': dict(kernel_size=2, padding='same'),
+    'groups4': dict(kernel_size=3, padding=1, groups=4),
+}
 
 
 @contextlib.contextmanager

@@ -20,6 +20,16 @@ import torch.nn.functional as F
 GOLDEN = (math.sqrt(5) - 1) / 2
 
 
+def _padded(conv, u):
+    """``u`` padded as ``conv`` pads it, and the zero padding left to unfold: ``(u, padding)``."""
+    if isinstance(conv.padding, str):
+        raise NotImplementedError(f'the reference unfolds no string padding, got padding={conv.padding!r}')
+    if conv.padding_mode == 'zeros':
+        return u, conv.padding
+    pads = [p for p in reversed(conv.padding) for _ in range(2)]  # F.pad's order: last axis first
+    return F.pad(u, pads, mode=conv.padding_mode), 0
+
+
 class ReferenceCBN:
 
     def __init__(self, num_features, window_size, compensate, eps=1e-5, momentum=0.1, dtype=torch.float64,
@@ -46,9 +56,10 @@ class ReferenceCBN:
         u = conv_input.detach()
 
         def stats(theta):  # Eq. 2-3 as a function of the layer's own kernel (Eq. 14)
-            w = theta[:n_w].view_as(conv.weight)
-            b = theta[n_w:] if has_bias else None
-            xx = F.conv2d(u, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+            params = dict(weight=theta[:n_w].view_as(conv.weight))
+            if has_bias:
+                params['bias'] = theta[n_w:]
+            xx = torch.func.functional_call(conv, params, (u, ))  # the module's own forward: its padding mode too
             return xx.mean((0, 2, 3)), (xx * xx).mean((0, 2, 3))
 
         j_mu, j_nu = torch.autograd.functional.jacobian(stats, theta_t, vectorize=True)  # (C, P) each, brute force
@@ -62,7 +73,8 @@ class ReferenceCBN:
                 mu = past['mu'] + past['j_mu'] @ delta
                 j_s = past['j_nu'] - 2 * past['mu'][:, None] * past['j_mu']  # d(nu - mu^2)/dtheta at tau
                 dw = delta[:n_w].view(conv.weight.shape[0], -1)  # (C, C_in/g * K)
-                cols = F.unfold(past['u'], conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+                u_tau, pad = _padded(conv, past['u'])
+                cols = F.unfold(u_tau, conv.kernel_size, conv.dilation, pad, conv.stride)
                 patches = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # (N * L, C_in * K)
                 centred = patches - patches.mean(0)
                 count = patches.shape[0]

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from cbn_mmdet.models.cbn import CrossIterationBatchNorm2d as CBN
 from cbn_mmdet.ops import compensate
 
-from .common import CONV_VARIANTS, DEVICES, no_tf32, sgd_step
+from .common import CONV_VARIANTS, DEVICES, MODULE_CONV_VARIANTS, no_tf32, sgd_step
 from .reference import ReferenceCBN
 
 
@@ -19,11 +19,14 @@ from .reference import ReferenceCBN
 MODES = {'naive': (False, 'authors'), 'authors': (True, 'authors'), 'exact': (True, 'exact')}
 
 
+LAYER_CONVS = {**CONV_VARIANTS, **MODULE_CONV_VARIANTS}
+
+
 def build_pair(variant, bias, k, mode, dtype, affine=True, device='cpu', second_order=0):
     torch.manual_seed(0)
     compensate, backward = MODES[mode]
-    conv1 = nn.Conv2d(4, 8, bias=bias, **CONV_VARIANTS[variant]).to(device, dtype)
-    conv2 = nn.Conv2d(8, 8, bias=bias, **CONV_VARIANTS[variant]).to(device, dtype)
+    conv1 = nn.Conv2d(4, 8, bias=bias, **LAYER_CONVS[variant]).to(device, dtype)
+    conv2 = nn.Conv2d(8, 8, bias=bias, **LAYER_CONVS[variant]).to(device, dtype)
     cbn1, cbn2 = (CBN(8, window_size=k, compensate=compensate, backward=backward, affine=affine,
                       second_order=second_order).to(device, dtype) for _ in range(2))
     ref_convs = copy.deepcopy(conv1), copy.deepcopy(conv2)
@@ -85,7 +88,7 @@ def run_against_reference(variant, bias, k, mode, dtype, iters=20, affine=True, 
 
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('bias', [True, False])
-@pytest.mark.parametrize('variant', list(CONV_VARIANTS))
+@pytest.mark.parametrize('variant', list(LAYER_CONVS))
 @pytest.mark.parametrize('mode, k', [('exact', 1)] + [(mode, k) for mode in MODES for k in (2, 4, 8)])
 def test_matches_reference_fp64(k, mode, variant, bias, device):
     # 1e-8: fp64 roundings (u = 1.1e-16) amplified by 20 SGD-momentum steps of a well-conditioned trajectory stay
@@ -97,7 +100,8 @@ def test_matches_reference_fp64(k, mode, variant, bias, device):
 # positions (r = 200 > 2 * 5 * 4 for stride 2: repeated patches) on a few (the grid's 48 cases all passed once, 9 min)
 SECOND_ORDER_CASES = [(v, True, 4, 'exact', 3) for v in CONV_VARIANTS] + [
     ('groups2', True, 4, 'authors', 3), ('3x3', False, 4, 'authors', 3), ('nonsquare', False, 2, 'exact', 5),
-    ('stride2', False, 4, 'exact', 200), ('1x1', True, 4, 'exact', 200)]
+    ('stride2', False, 4, 'exact', 200), ('1x1', True, 4, 'exact', 200), ('reflect_s2', True, 4, 'exact', 8),
+    ('circular', False, 4, 'exact', 8), ('groups4', True, 4, 'exact', 8)]
 
 
 @pytest.mark.parametrize('device', DEVICES)
