@@ -76,6 +76,9 @@ class CBNBurnInHook(Hook):
     restore ``'cbn_windows'`` on every rank. A window written with another window size keeps the configured one
     (see :meth:`CrossIterationBatchNorm2d.set_window_state`), and the hook logs it.
 
+    The hook refuses what would silently replace CBN by BN: mmengine's ``sync_bn`` and ``compile`` options. At the
+    first training iteration it warns about CBN layers left in eval mode (a backbone's ``norm_eval=True``).
+
     Args:
         burnin_epochs (int, optional): Burn-in length in epochs (the paper uses 3 on COCO).
         burnin_iters (int, optional): Burn-in length in iterations. Give exactly one of the two.
@@ -104,6 +107,7 @@ class CBNBurnInHook(Hook):
         self.window_size = window_size
         self._burnin: Optional[int] = None
         self._opened_logged = False
+        self._modes_checked = False
         self._layers = None  # (name, layer) pairs, found once in before_run
         # every rank's window states, gathered for the checkpoint that is about to be saved (kept on rank 0 only);
         # _gathered says, on every rank alike, that no training iteration has run since the gather
@@ -168,6 +172,15 @@ class CBNBurnInHook(Hook):
         burnin = self._burnin or 0
         if self._layers is None:
             self._layers = list(cbn_layers(runner.model))
+        if not self._modes_checked:  # the loop has just called model.train(): what stayed in eval is frozen
+            self._modes_checked = True
+            frozen = [name for name, layer in self._layers if not layer.training]
+            if frozen:
+                runner.logger.warning(
+                    f"CBNBurnInHook: {len(frozen)} of {len(self._layers)} CBN layers stay in eval mode while the "
+                    f"model trains ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}): they normalize "
+                    'with their running statistics and never open a window, as frozen BN. A backbone with '
+                    'norm_eval=True does this; set norm_eval=False where CBN should train.')
         for _, layer in self._layers:
             k = layer.window_size
             layer.begin_iteration(it, use_window=it >= burnin, collect=k > 1 and it >= burnin - (k - 1))

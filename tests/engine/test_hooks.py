@@ -152,6 +152,30 @@ def test_compile_with_cbn_raises(tmp_path, option, refused):
         runner.call_hook('before_run')
 
 
+class NormEvalNet(TinyNet):
+    """Keeps bn1 in eval mode in training, as mmdet's ResNet does with norm_eval=True."""
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn1.eval()
+        return self
+
+
+@pytest.mark.parametrize('model, frozen', [(NormEvalNet, ['bn1']), (TinyNet, [])])
+def test_layers_left_in_eval_mode_in_training_are_reported_once(tmp_path, monkeypatch, model, frozen):
+    runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=1), max_iters=4, model=model())
+    warned = []
+    monkeypatch.setattr(runner.logger, 'warning', lambda msg, *args, **kwargs: warned.append(msg))
+    runner.train()  # the real loop: it calls model.train() before every iteration's hooks
+    warned = [msg for msg in warned if 'eval mode' in msg]
+    if frozen:
+        assert len(warned) == 1 and '1 of 2 CBN layers stay in eval mode' in warned[0] and 'bn1' in warned[0]
+        assert 'norm_eval=False' in warned[0]
+        assert runner.model.bn1.window_at(0) is None and runner.model.bn2.window_at(0) is not None
+    else:
+        assert warned == [] and runner.model.bn1.window_at(0) is not None
+
+
 def test_config_uses_cbn():
     assert config_uses_cbn(dict(a=[dict(norm_cfg=dict(type='CBN'))]))
     assert not config_uses_cbn(dict(a=[dict(norm_cfg=dict(type='BN'))]))
