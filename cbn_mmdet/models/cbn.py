@@ -36,6 +36,11 @@ def _eager_forward(layer: 'CrossIterationBatchNorm2d', x: Tensor) -> Tensor:
     return layer._forward(x)
 
 
+# True while dynamo traces (it folds the call): torch.compiler's since torch 2.3, dynamo's own on torch 2.1 and 2.2
+# (loaded by the decorator above)
+_is_compiling = getattr(torch.compiler, 'is_compiling', None) or torch._dynamo.is_compiling
+
+
 class _Last:
     """The kernel and bias of the convolution whose iteration was pushed last, its groups, and the kernel's views."""
 
@@ -312,7 +317,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if torch.compiler.is_compiling() and (self.training or x.numel() == 0):
+        if _is_compiling() and (self.training or x.numel() == 0):
             # torch.compile: a training call runs eagerly, outside the graph (graph break). Its window state is
             # Python state that changes every iteration; traced, it would be baked into the graph as constants.
             return _eager_forward(self, x)
