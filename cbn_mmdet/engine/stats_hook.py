@@ -41,7 +41,7 @@ from mmengine.model import is_model_wrapper
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..models import CrossIterationBatchNorm2d, in_backward
+from ..models import CrossIterationBatchNorm2d, recomputing
 from ..models.replay import same_batch
 from ..ops import batch_moments, relative_stat_errors, window_moments
 from .hooks import cbn_layers
@@ -154,7 +154,7 @@ class CBNStatsErrorHook(Hook):
     def _snapshot(self, module, args) -> None:
         """Before the forward: the window of the call position it takes, as the layer sees it (this iteration not
         yet pushed). A checkpoint recomputation during backward (after the push) is not a call."""
-        if in_backward() or not isinstance(module, CrossIterationBatchNorm2d) or not module.training:
+        if recomputing() or not isinstance(module, CrossIterationBatchNorm2d) or not module.training:
             return
         x = args[0]
         if not x.numel():
@@ -169,7 +169,7 @@ class CBNStatsErrorHook(Hook):
     def _capture(self, module, args, output) -> None:
         """After the forward: the statistics the layer normalized with, and the batch's own, per call (a head
         shared across FPN levels calls its layers once per level)."""
-        if in_backward():
+        if recomputing():
             return
         x = args[0]
         frozen = self._frozen.setdefault(module, [])

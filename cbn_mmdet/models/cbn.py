@@ -18,7 +18,7 @@ from ..ops._common import autocast_active
 from ..ops.fused import (KernelViews, all_finite, compensate_bank, fill_entry, finish_mean, history_terms,
                          running_update, store_entry, window_sums)
 from .calls import CallTracker
-from .conv_lookup import find_conv, in_backward, intercept_of
+from .conv_lookup import find_conv, intercept_of, recomputing
 from .inspection import InspectionMixin
 from .options import OptionsMixin, check_layer_options, check_window_size, find_module_path
 from .replay import CheckpointReplayMixin, Replay, ReplayBook, WindowStats
@@ -124,7 +124,9 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
       statistics of the first forward of the same call (found by the input's shape, or among calls of one shape
       by its batch mean, on the device) and pushes the iteration once. A first forward without a graph
       (reentrant checkpointing) compensates with the kernel seen at the previous iteration and pushes the
-      iteration at the recomputation.
+      iteration at the recomputation. Non-reentrant checkpointing keeps no activation, so reading the conv's
+      input recomputes the segment up to it, during the forward; a layer earlier in the segment that this runs
+      again replays too (it is not a call).
     * **Non-finite statistics**: one reduction over everything a windowed forward computes (the batch's moments,
       its kernel gradients, the window's sums) decides, on the device, whether it is all finite. If not, the
       batch is normalized with its own statistics (as BN would; a diverged kernel or window thus falls back to
@@ -329,8 +331,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         if not self.training:
             return super().forward(x)  # exactly nn.BatchNorm2d in eval
         self._active_k()  # refuses an unresolved 'auto'
-        backward = in_backward()
-        if backward and self._replays:
+        if recomputing() and self._replays:  # a checkpoint's recomputation of a call of this iteration
             positions = self._replays.candidates(x)
             if positions:
                 return self._replay_forward(x, positions)
@@ -464,7 +465,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         training it is a call like any other: it takes its call position (its window gets nothing), and a backward
         through it tells an unmanaged layer that the iteration ended."""
         y = x * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1) if self.affine else x.clone()
-        if self.training and not in_backward():
+        if self.training and not recomputing():
             self._calls.begin_call(self._kernel_of(None), self._counted(), self._describe, self._replays.clear)
             if y.requires_grad and not self._calls.managed:
                 y.register_hook(self._calls.saw_backward)

@@ -6,12 +6,23 @@ from torch import Tensor
 
 from ..ops import ConvSpec
 
-__all__ = ['in_backward', 'find_conv', 'intercept_of']
+__all__ = ['in_backward', 'recomputing', 'find_conv', 'intercept_of']
+
+# > 0 while find_conv reads a graph's saved tensors. Non-reentrant checkpointing keeps none: reading one recomputes
+# the segment that produced it, there and then, so a CBN forward entered meanwhile is a recomputation.
+_reading_saved = 0
 
 
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread (a checkpoint recomputation)."""
     return torch._C._current_graph_task_id() != -1
+
+
+def recomputing() -> bool:
+    """True for a forward that repeats an earlier one of this iteration: a checkpoint's recomputation during
+    backward, or one that a layer's reading of its input's graph set off during the forward (non-reentrant
+    checkpointing, two layers in one segment)."""
+    return _reading_saved > 0 or torch._C._current_graph_task_id() != -1
 
 
 def _leaf_parameter(node) -> Optional[Tensor]:
@@ -39,6 +50,8 @@ def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
                       'eagerly; in an mmengine config, remove compile)')
     if type(fn).__name__ != 'ConvolutionBackward0':
         return None, f'its input was produced by {type(fn).__name__}, not by a convolution'
+    global _reading_saved
+    _reading_saved += 1
     try:
         transposed, weight = fn._saved_transposed, fn._saved_weight
         inp = fn._saved_input
@@ -48,6 +61,8 @@ def find_conv(x: Tensor) -> Tuple[Optional[ConvSpec], str]:
         has_bias = bias_sizes is not None and len(bias_sizes) == 1 and int(bias_sizes[0]) > 0
     except (AttributeError, RuntimeError) as err:  # saved tensors freed, or a new torch layout
         return None, f'the convolution in its graph could not be read ({err})'
+    finally:
+        _reading_saved -= 1
     if transposed or weight.dim() != 4:
         return None, 'its input was produced by a transposed or non-2D convolution'
     kernel = _leaf_parameter(fn.next_functions[1][0])

@@ -322,6 +322,40 @@ def test_gradient_checkpointing_replays(use_reentrant=True):
             sgd_step([*conv_p.parameters(), *layer_p.parameters()])
 
 
+@pytest.mark.parametrize('reentrant', [True, False])
+def test_two_layers_in_one_checkpointed_segment(reentrant):
+    """conv -> CBN -> ReLU -> conv -> CBN in one segment, as in a checkpointed ResNet block. Non-reentrant
+    checkpointing keeps no activation: the second layer's reading of its conv's input recomputes the segment during
+    the forward, which calls the first layer again; that call must replay, not count as a call of its own."""
+    torch.manual_seed(0)
+    net = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), CBN(4, window_size=3), nn.Conv2d(4, 4, 3, padding=1),
+                         CBN(4, window_size=3)]).double()
+    plain = copy.deepcopy(net)
+
+    def run(m, t):
+        return m[3](m[2](torch.relu(m[1](m[0](t)))))
+
+    for it in range(5):
+        inp = torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+        inp_p = inp.detach().clone().requires_grad_()
+        y = checkpoint(lambda t: run(net, t), inp, use_reentrant=reentrant)
+        y_p = run(plain, inp_p)
+        g = torch.randn_like(y)
+        (y * g).sum().backward()
+        (y_p * g).sum().backward()
+        # the same ops on the same values, recomputed: bit-identical on a deterministic CPU; 1e-12 leaves room for
+        # nothing but a reordered fp64 sum (u = 1.1e-16 times a few hundred terms)
+        for a, b in [(y, y_p), (inp.grad, inp_p.grad)] + [(p.grad, q.grad) for p, q in
+                                                          zip(net.parameters(), plain.parameters())]:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        for layer, ref in ((net[1], plain[1]), (net[3], plain[3])):
+            assert int(layer.num_batches_tracked) == int(ref.num_batches_tracked) == it + 1
+            torch.testing.assert_close(layer.running_var, ref.running_var, rtol=1e-12, atol=1e-12)
+            assert layer.window_lengths == ref.window_lengths == [min(it + 1, 2)]
+        sgd_step(list(net.parameters()))
+        sgd_step(list(plain.parameters()))
+
+
 def test_frozen_affine_still_trains_window():
     conv, layer = nn.Conv2d(3, 4, 3), CBN(4, window_size=3)
     layer.weight.requires_grad_(False)
