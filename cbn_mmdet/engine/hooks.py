@@ -46,11 +46,22 @@ def config_uses_cbn(cfg) -> bool:
     return False
 
 
+def eval_mode_layers(layers: Iterable[Tuple[str, CrossIterationBatchNorm2d]]) -> List[str]:
+    """The names of the CBN layers in eval mode that have a trainable parameter: in a training model, layers that
+    mmdet's ``norm_eval=True`` keeps frozen. Layers of frozen stages (``frozen_stages``: eval mode and no trainable
+    parameter) are deliberate and not listed; so are layers without parameters (``affine=False``)."""
+    return [name for name, layer in layers
+            if not layer.training and any(p.requires_grad for p in layer.parameters())]
+
+
 def compiles(cfg) -> bool:
-    """Whether mmengine's Runner compiles ``train_step`` under this config (``compile=True`` or a dict of
-    ``torch.compile`` options without ``disable=True``)."""
+    """Whether mmengine's Runner compiles ``train_step`` under this config into graphs that hide convolutions from
+    CBN layers: ``compile=True``, or a dict of ``torch.compile`` options without ``disable=True`` and with a backend
+    other than ``'eager'`` (whose graphs run torch's own ops, so a layer still finds its convolution)."""
     option = cfg.get('compile')
-    return option is True or (isinstance(option, dict) and not option.get('disable', False))
+    if isinstance(option, dict):
+        return not option.get('disable', False) and option.get('backend', 'inductor') != 'eager'
+    return option is True
 
 
 class CBNBurnInHook(Hook):
@@ -128,9 +139,9 @@ class CBNBurnInHook(Hook):
             return
         if compiles(cfg):
             raise ValueError(f"CBNBurnInHook: the config sets compile={cfg.get('compile')!r} and the model has "
-                             f'{len(layers)} CBN layers; torch.compile hides every convolution from them (their '
-                             'inputs come out of compiled graphs), so each would act as plain BatchNorm. Remove '
-                             'compile from the config.')
+                             f'{len(layers)} CBN layers; torch.compile (any backend but eager) hides the '
+                             'convolutions from CBN layers whose inputs come out of compiled graphs, and those act '
+                             'as plain BatchNorm. Remove compile from the config.')
         for name, layer in layers.items():
             layer.module_path = name
             if self.window_size is not None:
@@ -174,13 +185,14 @@ class CBNBurnInHook(Hook):
             self._layers = list(cbn_layers(runner.model))
         if not self._modes_checked:  # the loop has just called model.train(): what stayed in eval is frozen
             self._modes_checked = True
-            frozen = [name for name, layer in self._layers if not layer.training]
+            frozen = eval_mode_layers(self._layers)
             if frozen:
                 runner.logger.warning(
                     f"CBNBurnInHook: {len(frozen)} of {len(self._layers)} CBN layers stay in eval mode while the "
-                    f"model trains ({', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''}): they normalize "
-                    'with their running statistics and never open a window, as frozen BN. A backbone with '
-                    'norm_eval=True does this; set norm_eval=False where CBN should train.')
+                    f"model trains, with trainable parameters ({', '.join(frozen[:3])}"
+                    f"{', ...' if len(frozen) > 3 else ''}): they normalize with their running statistics and never "
+                    'open a window, as frozen BN. A backbone with norm_eval=True does this; set norm_eval=False '
+                    'where CBN should train.')
         for _, layer in self._layers:
             k = layer.window_size
             layer.begin_iteration(it, use_window=it >= burnin, collect=k > 1 and it >= burnin - (k - 1))

@@ -319,7 +319,7 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        if _is_compiling() and (self.training or x.numel() == 0):
+        if _is_compiling() and self.training:
             # torch.compile: a training call runs eagerly, outside the graph (graph break). Its window state is
             # Python state that changes every iteration; traced, it would be baked into the graph as constants.
             return _eager_forward(self, x)

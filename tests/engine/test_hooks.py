@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet import CBNBurnInHook, CrossIterationBatchNorm2d
-from cbn_mmdet.engine import cbn_layers, config_uses_cbn
+from cbn_mmdet.engine import cbn_layers, compiles, config_uses_cbn, eval_mode_layers
 from cbn_mmdet.engine import hooks as hooks_module
 
 from ..models.common import same_windows
@@ -141,11 +141,13 @@ def test_sync_bn_with_cbn_raises(tmp_path):
 
 
 @pytest.mark.parametrize('option, refused', [(True, True), (dict(mode='default'), True), (dict(), True),
+                                               (dict(backend='aot_eager'), True), (dict(backend='eager'), False),
                                                (dict(disable=True), False), (False, False)])
 def test_compile_with_cbn_raises(tmp_path, option, refused):
     runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=0), max_iters=1)
     runner.cfg['compile'] = option
-    if refused:  # mmengine would compile train_step: every CBN layer would act as BN
+    assert compiles(runner.cfg) == refused
+    if refused:  # mmengine would compile train_step into graphs: the CBN layers would act as BN
         with pytest.raises(ValueError, match=r'compile=.* and the model has 2 CBN layers'):
             runner.call_hook('before_run')
     else:
@@ -161,7 +163,21 @@ class NormEvalNet(TinyNet):
         return self
 
 
-@pytest.mark.parametrize('model, frozen', [(NormEvalNet, ['bn1']), (TinyNet, [])])
+class FrozenStageNet(TinyNet):
+    """bn1 in eval mode with frozen parameters, as mmdet's frozen_stages leaves a stage: deliberate, not reported."""
+
+    def __init__(self):
+        super().__init__()
+        for p in [*self.conv1.parameters(), *self.bn1.parameters()]:
+            p.requires_grad_(False)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn1.eval()
+        return self
+
+
+@pytest.mark.parametrize('model, frozen', [(NormEvalNet, ['bn1']), (TinyNet, []), (FrozenStageNet, [])])
 def test_layers_left_in_eval_mode_in_training_are_reported_once(tmp_path, monkeypatch, model, frozen):
     runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=1), max_iters=4, model=model())
     warned = []
@@ -173,7 +189,20 @@ def test_layers_left_in_eval_mode_in_training_are_reported_once(tmp_path, monkey
         assert 'norm_eval=False' in warned[0]
         assert runner.model.bn1.window_at(0) is None and runner.model.bn2.window_at(0) is not None
     else:
-        assert warned == [] and runner.model.bn1.window_at(0) is not None
+        assert warned == []
+        assert (runner.model.bn1.window_at(0) is None) == (model is FrozenStageNet)
+
+
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_eval_mode_layers_of_mmdet_resnet(norm_eval):
+    from mmdet.models.backbones import ResNet  # mmdet's own frozen_stages and norm_eval
+    net = ResNet(depth=18, frozen_stages=1, norm_eval=norm_eval, norm_cfg=dict(type='CBN', window_size=2))
+    net.train()  # mmdet's train() freezes the stages and, with norm_eval, every norm (it returns None)
+    layers = list(cbn_layers(net))
+    found = eval_mode_layers(layers)
+    stage_1 = [name for name, _ in layers if name == 'bn1' or name.startswith('layer1.')]
+    assert stage_1 and all(not layer.training for name, layer in layers if name in stage_1)  # frozen: not listed
+    assert found == ([name for name, _ in layers if name not in stage_1] if norm_eval else [])
 
 
 def test_config_uses_cbn():

@@ -28,7 +28,8 @@ CONV_VARIANTS = {
     'nonsquare': dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
 }
 # what only a whole layer meets: padding done before the convolution op (reflect, circular, and the asymmetric
-# 'same' of an even kernel: the op gets the padded input and no padding), and groups of one input channel
+# 'same' of an even kernel: the op gets the padded input and no padding), and 4 groups (one input channel per
+# group for the reference grid's first conv, 4 -> 8, two for its second, 8 -> 8)
 MODULE_CONV_VARIANTS = {
     'reflect_s2': dict(kernel_size=3, padding=1, padding_mode='reflect', stride=2),
     'circular': dict(kernel_size=3, padding=1, padding_mode='circular'),

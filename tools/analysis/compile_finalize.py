@@ -17,6 +17,7 @@ import json
 import os
 import os.path as osp
 import time
+from typing import Optional
 
 import torch
 
@@ -66,10 +67,11 @@ def time_us(fn, args, n: int, warmup: int = 200) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-def time_compiled(x: dict, calls: int):
-    """Seconds to compile the stand-in (the first call) and microseconds per compiled call; checks its results."""
+def time_compiled(x: dict, calls: int, options: Optional[dict] = None):
+    """Seconds to compile the stand-in (the first call) and microseconds per compiled call, with inductor's
+    ``options``; checks its results."""
     start = time.perf_counter()
-    compiled = torch.compile(finalize, fullgraph=True, dynamic=False)
+    compiled = torch.compile(finalize, fullgraph=True, dynamic=False, options=options)
     compiled(**x)
     compile_s = time.perf_counter() - start
     us = time_us(compiled, x, calls)
@@ -90,16 +92,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.calls < 1:
         parser.error(f'--calls must be >= 1, got {args.calls}')
+    if args.cpp_wrapper and args.no_compile:
+        parser.error('--cpp-wrapper times a compiled variant; it cannot go with --no-compile')
     torch.set_num_threads(1)  # the launch case's setting
     x = inputs(SHAPE['T'], SHAPE['C'], SHAPE['D'])
     out = dict(torch=torch.__version__, shape=SHAPE, calls=args.calls, eager_us=time_us(finalize, x, args.calls))
     if not args.no_compile:
         out['compile_s'], out['compiled_us'] = time_compiled(x, args.calls)
         if args.cpp_wrapper:  # inductor's C++ wrapper: the compiled call without its Python launcher
-            import torch._inductor.config as inductor_config
-            torch._dynamo.reset()
-            with inductor_config.patch(cpp_wrapper=True):
-                out['compile_cpp_wrapper_s'], out['compiled_cpp_wrapper_us'] = time_compiled(x, args.calls)
+            torch.compiler.reset()
+            out['compile_cpp_wrapper_s'], out['compiled_cpp_wrapper_us'] = time_compiled(
+                x, args.calls, options=dict(cpp_wrapper=True))
     print(json.dumps(out, indent=1))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:

@@ -20,7 +20,9 @@ def test_the_eager_stand_in_is_timed_and_written(tmp_path):
     assert mean.shape == var.shape == (8, ) and var_kernel.shape == (8, 72) and run.shape == (2, 8)
 
 
-def test_bad_calls_are_refused(capsys):
+@pytest.mark.parametrize('argv, said', [(['--calls', '0'], '--calls must be >= 1, got 0'),
+                                        (['--cpp-wrapper', '--no-compile'], 'cannot go with --no-compile')])
+def test_bad_arguments_are_refused(capsys, argv, said):
     with pytest.raises(SystemExit):
-        compile_finalize.main(['--calls', '0'])
-    assert '--calls must be >= 1, got 0' in capsys.readouterr().err
+        compile_finalize.main(argv)
+    assert said in capsys.readouterr().err
