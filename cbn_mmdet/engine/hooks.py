@@ -46,6 +46,24 @@ def config_uses_cbn(cfg) -> bool:
     return False
 
 
+def ohem_heads_with_cbn(model_cfg) -> List[str]:
+    """The heads of a detector config that use CBN and are mined by an OHEM sampler (``train_cfg.rpn`` for
+    ``rpn_head``, ``train_cfg.rcnn`` for ``roi_head``). OHEM runs the head once per image without gradients, in
+    training mode, so the head's calls per iteration follow the batch size, which per-call windows cannot."""
+    if not isinstance(model_cfg, dict):
+        return []
+    train_cfg = model_cfg.get('train_cfg') or {}
+    found = []
+    for stage, head in (('rpn', 'rpn_head'), ('rcnn', 'roi_head')):
+        stages = train_cfg.get(stage) if isinstance(train_cfg, dict) else None
+        for step in (stages if isinstance(stages, (list, tuple)) else [stages]):  # cascade: one per stage
+            sampler = step.get('sampler') if isinstance(step, dict) else None
+            kind = str(sampler.get('type', '')) if isinstance(sampler, dict) else ''
+            if kind.split('.')[-1] == 'OHEMSampler' and config_uses_cbn(model_cfg.get(head)) and head not in found:
+                found.append(head)
+    return found
+
+
 def eval_mode_layers(layers: Iterable[Tuple[str, CrossIterationBatchNorm2d]]) -> List[str]:
     """The names of the CBN layers in eval mode that have a trainable parameter: in a training model, layers that
     mmdet's ``norm_eval=True`` keeps frozen. Layers of frozen stages (``frozen_stages``: eval mode and no trainable
@@ -137,6 +155,13 @@ class CBNBurnInHook(Hook):
         if not layers:
             runner.logger.warning('CBNBurnInHook: the model has no CBN layer; the hook does nothing.')
             return
+        mined = ohem_heads_with_cbn(cfg.get('model'))
+        if mined:
+            raise ValueError(f"CBNBurnInHook: the config's OHEMSampler mines {', '.join(mined)}, which use CBN. OHEM "
+                             'runs the head once per image without gradients, in training mode, so its CBN layers '
+                             'are called a number of times per iteration that follows the batch size (a smaller '
+                             'last batch changes it), which their per-call windows cannot follow. Use BN or GN in '
+                             'the mined head, or another sampler.')
         if compiles(cfg):
             raise ValueError(f"CBNBurnInHook: the config sets compile={cfg.get('compile')!r} and the model has "
                              f'{len(layers)} CBN layers; torch.compile (any backend but eager) hides the '

@@ -90,4 +90,7 @@ class CallTracker:
                 f'{describe()} was called {calls} times in {which} training iteration, but {self.calls} '
                 'times in each earlier one. Its window is kept per call position (a head shared across FPN levels '
                 'is called once per level, in a fixed order), so every iteration must make the same calls; call '
-                'reset_window() to start afresh after a deliberate change.')
+                'reset_window() to start afresh after a deliberate change. Training-mode forwards without '
+                'gradients are calls too: reentrant checkpointing makes them the same way every iteration, but a '
+                "pass whose number follows the batch (OHEM's hard mining, once per image) or a pass that forgot "
+                'model.eval() changes the count; run such passes in eval mode.')

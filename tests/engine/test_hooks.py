@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 import cbn_mmdet  # noqa: F401
 from cbn_mmdet import CBNBurnInHook, CrossIterationBatchNorm2d
-from cbn_mmdet.engine import cbn_layers, compiles, config_uses_cbn, eval_mode_layers
+from cbn_mmdet.engine import cbn_layers, compiles, config_uses_cbn, eval_mode_layers, ohem_heads_with_cbn
 from cbn_mmdet.engine import hooks as hooks_module
 
 from ..models.common import same_windows
@@ -203,6 +203,29 @@ def test_eval_mode_layers_of_mmdet_resnet(norm_eval):
     stage_1 = [name for name, _ in layers if name == 'bn1' or name.startswith('layer1.')]
     assert stage_1 and all(not layer.training for name, layer in layers if name in stage_1)  # frozen: not listed
     assert found == ([name for name, _ in layers if name not in stage_1] if norm_eval else [])
+
+
+def _detector(rcnn_sampler, roi_norm, rpn_sampler='RandomSampler', stages=1):
+    rcnn = dict(sampler=dict(type=rcnn_sampler, num=512))
+    return dict(type='FasterRCNN', rpn_head=dict(type='RPNHead'),
+                roi_head=dict(type='StandardRoIHead', bbox_head=dict(type='Shared4Conv1FCBBoxHead',
+                                                                       norm_cfg=dict(type=roi_norm))),
+                train_cfg=dict(rpn=dict(sampler=dict(type=rpn_sampler)), rcnn=[rcnn] * stages if stages > 1 else rcnn))
+
+
+@pytest.mark.parametrize('model, mined', [
+    (_detector('OHEMSampler', 'CBN'), ['roi_head']), (_detector('mmdet.OHEMSampler', 'CBN', stages=3), ['roi_head']),
+    (_detector('OHEMSampler', 'BN'), []), (_detector('RandomSampler', 'CBN'), []),
+    (_detector('RandomSampler', 'CBN', rpn_sampler='OHEMSampler'), [])])  # the RPN head has no CBN here
+def test_ohem_mining_a_cbn_head_is_refused(tmp_path, model, mined):
+    assert ohem_heads_with_cbn(model) == mined
+    runner = make_runner(tmp_path, dict(type='CBNBurnInHook', burnin_iters=0), max_iters=1)
+    runner.cfg['model'] = model
+    if mined:
+        with pytest.raises(ValueError, match="OHEMSampler mines roi_head, which use CBN"):
+            runner.call_hook('before_run')
+    else:
+        runner.call_hook('before_run')
 
 
 def test_config_uses_cbn():
