@@ -379,6 +379,10 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
             shape = tuple(params[0].shape) if compensating else None
             bank = self.window_at(position) if use_window and (compensating or not self.compensate) else None
             intercept = intercept and compensating
+            if bank is not None and bank.dtype != dtype and bank.matches(
+                    self._active_k() - 1, self.num_features, bank.dtype, device, shape, groups, self.second_order,
+                    intercept):
+                bank.cast(dtype)  # the statistics dtype changed (model.double() mid-run): the window follows
             if bank is not None and not bank.matches(self._active_k() - 1, self.num_features, dtype, device, shape,
                                                       groups, self.second_order, intercept):
                 if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate

@@ -199,6 +199,13 @@ class WindowBank(_HoldsViews):
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.flat, self.qs) if t is not None)
 
+    def cast(self, dtype: torch.dtype) -> None:
+        """Hold the stored iterations in ``dtype`` (the layer's statistics dtype changed: ``model.double()``)."""
+        self.flat = self.flat.to(dtype)
+        if self.qs is not None:
+            self.qs = self.qs.to(dtype)
+        self.views = self._views()
+
     def apply(self, fn: Callable[[Tensor], Tensor]) -> None:
         """Follow a device move; the statistics keep their dtype bit for bit under a module dtype cast."""
         self.flat = _move(self.flat, fn)

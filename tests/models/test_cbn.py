@@ -173,6 +173,23 @@ def trained_layer(k=3, iters=4, c=4, device='cpu', **kwargs):
     return conv, layer
 
 
+@pytest.mark.parametrize('second_order', [0, 4])
+def test_double_mid_run_keeps_the_window(second_order):
+    """model.double() after some iterations: the statistics turn fp64 and the stored fp32 iterations follow them
+    (exactly: fp64 holds every fp32 value), instead of being dropped for k - 1 iterations of BN."""
+    conv, layer = trained_layer(second_order=second_order)
+    stored = {k: v.clone() for k, v in layer.window_at(0).tensors().items()}
+    conv.double(), layer.double()
+    twin = copy.deepcopy(layer)  # the same window, read before the fp64 call
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    layer(conv(x)).sum().backward()
+    assert layer.window_at(0).dtype == torch.float64 and layer.window_length == 2
+    for key, value in twin.window_at(0).tensors().items():
+        assert torch.equal(value, stored[key])  # nothing of the window was touched by the cast itself
+    slot = (layer.window_at(0).next - 1) % 2  # the other slot still holds an fp32 iteration, now in fp64
+    assert torch.equal(layer.window_at(0).tensors()['mu'][1 - slot], stored['mu'][1 - slot].double())
+
+
 def test_empty_batch_keeps_graph_and_state():
     conv, layer = trained_layer()
     before = (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(),
