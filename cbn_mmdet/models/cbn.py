@@ -379,15 +379,15 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
             shape = tuple(params[0].shape) if compensating else None
             bank = self.window_at(position) if use_window and (compensating or not self.compensate) else None
             intercept = intercept and compensating
-            if bank is not None and bank.dtype != dtype and bank.matches(
-                    self._active_k() - 1, self.num_features, bank.dtype, device, shape, groups, self.second_order,
-                    intercept):
-                bank.cast(dtype)  # the statistics dtype changed (model.double() mid-run): the window follows
-            if bank is not None and not bank.matches(self._active_k() - 1, self.num_features, dtype, device, shape,
-                                                      groups, self.second_order, intercept):
-                if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate
-                    self._set_bank(position, None)
-                bank = None
+            if bank is not None:
+                fit = dict(capacity=self._active_k() - 1, channels=self.num_features, device=device,
+                           kernel_shape=shape, groups=groups, patches=self.second_order, intercept=intercept)
+                if bank.dtype != dtype and bank.matches(dtype=bank.dtype, **fit):
+                    bank.cast(dtype)  # the statistics dtype changed (model.double() mid-run): the window follows
+                if not bank.matches(dtype=dtype, **fit):
+                    if self.compensate and not bank.compensating:  # collected as Naive CBN: nothing to compensate
+                        self._set_bank(position, None)
+                    bank = None
             ws = self._workspace_for(shape, groups, dtype, device, intercept)
             ws.set_count(x.numel() // x.shape[1])
             sv = ws.views
@@ -403,12 +403,15 @@ class CrossIterationBatchNorm2d(OptionsMixin, InspectionMixin, CheckpointReplayM
         y = self.normalize(x, stats, conv) if bank is not None else self._bn_forward(x, moments=(mu_t, s_t))
         if push:
             with torch.no_grad(), precise:
-                self._store(conv, position, ws, ok, dtype, device)
+                self._store(conv, position, ws, ok, dtype, device, bank)
         return y, stats, mu_t, push
 
-    def _store(self, conv: ConvSpec, position: int, ws: Workspace, ok: Tensor, dtype: torch.dtype, device) -> None:
-        """Write the scratch's entry into the call position's bank (zeros with weight 0 where ``ok`` is False)."""
-        bank = self._bank_for(position, conv, dtype, device)
+    def _store(self, conv: ConvSpec, position: int, ws: Workspace, ok: Tensor, dtype: torch.dtype, device,
+               bank: Optional[WindowBank] = None) -> None:
+        """Write the scratch's entry into the call position's bank (zeros with weight 0 where ``ok`` is False).
+        ``bank``: that bank, when the forward has matched it to this call already."""
+        if bank is None:
+            bank = self._bank_for(position, conv, dtype, device)
         store_entry(bank.views, bank.next, ws.views, ok, ws.zero)
         bank.advance()
         self._last.conv_params = (conv.weight, conv.bias)
